@@ -1,0 +1,85 @@
+"""KV cache pytree: a pool of fixed-size KV blocks shared by all rows, and a block table per row.
+
+Keys and values live in one pool per cache layer slot, flattened to token slots
+(`block * block_size + offset`). A row's block table lists the blocks that hold its tokens in
+order, so rows may share blocks (the prefix cache builds on this) and memory is one fixed array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from .params import Params
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Paged KV cache.
+
+    k, v:        [cache_layers, num_blocks * block_size, kv_heads, head_dim] token slots
+    block_table: [batch, blocks_per_row] int32, block ids of each row's tokens in order
+    lengths:     [batch] int32, tokens of each row currently held
+    """
+
+    k: jax.Array
+    v: jax.Array
+    block_table: jax.Array
+    lengths: jax.Array
+    block_size: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def batch_size(self) -> int:
+        return self.block_table.shape[0]
+
+    @property
+    def max_length(self) -> int:
+        """Tokens one row can hold."""
+        return self.block_table.shape[1] * self.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1] // self.block_size
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def bytes_per_token(self) -> int:
+        """KV bytes one token occupies (all cache layer slots, keys and values)."""
+        return self.nbytes() // self.k.shape[1]
+
+    def token_slots(self) -> jax.Array:
+        """[batch, max_length] pool slot of every position of every row."""
+        offsets = jnp.arange(self.block_size, dtype=jnp.int32)
+        slots = self.block_table[:, :, None] * self.block_size + offsets
+        return slots.reshape(self.batch_size, -1)
+
+    def reset(self) -> "KVCache":
+        """The same memory with every row emptied."""
+        return dataclasses.replace(self, lengths=jnp.zeros_like(self.lengths))
+
+
+def init_cache(params: Params, batch_size: int, max_length: int,
+               block_size: int = DEFAULT_BLOCK_SIZE, dtype: jnp.dtype | None = None) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_length` tokens each.
+
+    Each row owns its own blocks; the layer slots are L + (N - L) / g (SwiftKV shares slots).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (a prompt token and a new one), got {max_length}")
+    cfg = params.config
+    blocks_per_row = math.ceil(max_length / block_size)
+    num_blocks = batch_size * blocks_per_row
+    shape = (cfg.num_cache_layers, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or params.dtype
+    table = jnp.arange(num_blocks, dtype=jnp.int32).reshape(batch_size, blocks_per_row)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), block_table=table,
+                   lengths=jnp.zeros((batch_size,), jnp.int32), block_size=block_size)

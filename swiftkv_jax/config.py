@@ -1,0 +1,270 @@
+"""ModelConfig: the static description of a Llama (or SwiftKV Llama) model.
+
+Frozen and hashable so it can travel inside pytrees as static metadata and key jit caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+SUPPORTED_MODEL_TYPES = ("llama", "llama_swiftkv")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+class ConfigError(ValueError):
+    """A model configuration this library cannot run; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency-dependent RoPE scaling (rope_type "llama3")."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of a (SwiftKV) Llama model.
+
+    `num_key_value_layers` (L) and `key_value_group_size` (g) describe SwiftKV: layers >= L take
+    their K/V from layer L's input (SingleInputKV), shared by groups of g layers (AcrossKV).
+    L = num_layers is the plain Llama.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    num_key_value_layers: int | None = None  # None -> num_layers (SwiftKV off)
+    key_value_group_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_layers is None:
+            object.__setattr__(self, "num_key_value_layers", self.num_layers)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        L, N, g = self.num_key_value_layers, self.num_layers, self.key_value_group_size
+        if not 1 <= L <= N:
+            raise ConfigError(f"num_key_value_layers must be in [1, {N}] (num_hidden_layers), got {L}")
+        if g < 1 or (N - L) % g:
+            raise ConfigError(
+                f"key_value_group_size ({g}) must divide num_hidden_layers - num_key_value_layers "
+                f"({N} - {L} = {N - L})")
+
+    # -- derived quantities ---------------------------------------------------------------
+    @property
+    def swiftkv(self) -> bool:
+        """True when some layers take their K/V from layer L's input."""
+        return self.num_key_value_layers < self.num_layers
+
+    @property
+    def num_upper_layers(self) -> int:
+        return self.num_layers - self.num_key_value_layers
+
+    @property
+    def num_kv_groups(self) -> int:
+        """Number of K/V groups above layer L (AcrossKV leaders)."""
+        return self.num_upper_layers // self.key_value_group_size
+
+    @property
+    def num_cache_layers(self) -> int:
+        """KV-cache layer slots: L + (N - L) / g."""
+        return self.num_key_value_layers + self.num_kv_groups
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # -- Hugging Face config.json ---------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Reads a Hugging Face `config.json` dict (model_type llama or llama_swiftkv)."""
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type {model_type!r} is not supported; this library runs Llama models "
+                f"(model_type one of {SUPPORTED_MODEL_TYPES})")
+        for flag in ("attention_bias", "mlp_bias"):
+            if d.get(flag):
+                raise ConfigError(f"{flag}=true is not supported (Llama without biases only)")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act {act!r} is not supported (only 'silu', SwiGLU MLP)")
+        if d.get("pretraining_tp", 1) not in (1, None):
+            raise ConfigError("pretraining_tp != 1 is not supported")
+        try:
+            hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+            rope = _rope_from_hf(d)
+            eos = d.get("eos_token_id")
+            eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])
+                            if e is not None)
+            return cls(
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(d["intermediate_size"]),
+                num_layers=int(d["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(d.get("num_key_value_heads") or heads),
+                head_dim=int(d.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                rope_theta=rope[0],
+                rope_scaling=rope[1],
+                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+                num_key_value_layers=d.get("num_key_value_layers"),
+                key_value_group_size=int(d.get("key_value_group_size") or 1),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json is missing the required field {e.args[0]!r}") from None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A Hugging Face `config.json` dict; llama_swiftkv when SwiftKV is on."""
+        d: dict[str, Any] = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None if self.rope_scaling is None else {
+                "rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)},
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": (list(self.eos_token_ids) if len(self.eos_token_ids) != 1
+                             else self.eos_token_ids[0]),
+        }
+        if self.swiftkv:
+            d.update(architectures=["LlamaSwiftKVForCausalLM"], model_type="llama_swiftkv",
+                     swiftkv=True, num_key_value_layers=self.num_key_value_layers,
+                     key_value_group_size=self.key_value_group_size)
+        return d
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "ModelConfig":
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_hf_dict(d)
+
+    # -- GGUF metadata ----------------------------------------------------------------------
+    @classmethod
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], vocab_size: int,
+                           tie_word_embeddings: bool) -> "ModelConfig":
+        """Reads llama.cpp GGUF metadata (`general.architecture` must be llama)."""
+        arch = meta.get("general.architecture")
+        if arch != "llama":
+            raise ConfigError(f"GGUF general.architecture {arch!r} is not supported (only 'llama')")
+        try:
+            heads = int(meta["llama.attention.head_count"])
+            hidden = int(meta["llama.embedding_length"])
+            head_dim = int(meta.get("llama.attention.key_length") or
+                           meta.get("llama.rope.dimension_count") or hidden // heads)
+            scaling = None
+            if meta.get("llama.rope.scaling.type") not in (None, "none"):
+                raise ConfigError(
+                    f"GGUF llama.rope.scaling.type {meta['llama.rope.scaling.type']!r} is not supported")
+            eos = meta.get("tokenizer.ggml.eos_token_id")
+            return cls(
+                vocab_size=vocab_size,
+                hidden_size=hidden,
+                intermediate_size=int(meta["llama.feed_forward_length"]),
+                num_layers=int(meta["llama.block_count"]),
+                num_heads=heads,
+                num_kv_heads=int(meta.get("llama.attention.head_count_kv") or heads),
+                head_dim=head_dim,
+                rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+                rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+                rope_scaling=scaling,
+                max_position_embeddings=int(meta.get("llama.context_length", 2048)),
+                tie_word_embeddings=tie_word_embeddings,
+                bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+                eos_token_ids=() if eos is None else (int(eos),),
+            )
+        except KeyError as e:
+            raise ConfigError(f"GGUF metadata is missing the required field {e.args[0]!r}") from None
+
+
+def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from either transformers-4 (`rope_scaling`) or -5 (`rope_parameters`)."""
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or None
+    theta = float(d.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = params
+    if scaling is None:
+        return theta, None
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"rope_scaling.rope_type {rope_type!r} is not supported (one of {SUPPORTED_ROPE_TYPES})")
+    if rope_type == "default":
+        return theta, None
+    try:
+        return theta, RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ConfigError(f"rope_scaling is missing the field {e.args[0]!r}") from None
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> "list[float]":
+    """RoPE inverse frequencies (length head_dim/2), with Llama-3 scaling applied if configured."""
+    dim = cfg.head_dim
+    inv = [1.0 / (cfg.rope_theta ** (i / dim)) for i in range(0, dim, 2)]
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    out = []
+    for f in inv:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(f)
+        elif wavelen > low_wavelen:
+            out.append(f / s.factor)
+        else:
+            smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+                s.high_freq_factor - s.low_freq_factor)
+            out.append((1 - smooth) * f / s.factor + smooth * f)
+    return out

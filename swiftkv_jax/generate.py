@@ -1,0 +1,172 @@
+"""generate(): bucketed prefill, then the whole decode loop as one lax.while_loop in one jit.
+
+Prompt lengths, max_new_tokens, sampling values and stop ids are traced arrays, so a new prompt
+inside a length bucket or new sampling settings never recompile. The cache is donated to both
+jitted steps, so XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cache import KVCache, init_cache
+from .model import forward
+from .params import Params
+from .sampling import sample
+
+MIN_BUCKET = 16
+MAX_STOP_IDS = 8  # stop ids are padded to this many so their number never recompiles
+
+
+class GenerateError(ValueError):
+    """A generate() request that cannot run as given; the message says what to change."""
+
+
+def prefill_bucket(length: int, max_length: int) -> int:
+    """Padded prompt length: the next power of two >= MIN_BUCKET, capped at the cache size."""
+    return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), max_length)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def prefill(params: Params, cache: KVCache, tokens: jax.Array, num_new: jax.Array
+            ) -> tuple[jax.Array, KVCache]:
+    """Empties the cache rows and runs the padded prompts; returns last-token logits [B, V]."""
+    return forward(params, cache.reset(), tokens, num_new)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def decode(params: Params, cache: KVCache, logits: jax.Array, active: jax.Array, key: jax.Array,
+           max_new_tokens: jax.Array, temperature: jax.Array, top_k: jax.Array,
+           top_p: jax.Array, stop_ids: jax.Array) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Samples up to `max_new_tokens` per row from the prefill `logits`, in one while_loop.
+
+    Returns tokens [B, cache.max_length] (the first `counts[b]` are real), counts [B], cache.
+    A row stops after a token in `stop_ids` (not included in its output) or when it is not
+    `active` (batch padding).
+    """
+    batch, capacity = cache.batch_size, cache.max_length
+
+    def emit(state, logits):
+        step, _, done, out, counts, cache, key = state
+        key, sub = jax.random.split(key)
+        tok = sample(logits, sub, temperature, top_k, top_p)
+        done = done | jnp.isin(tok, stop_ids)
+        out = out.at[:, step].set(jnp.where(done, 0, tok))
+        counts = counts + (~done)
+        done = done | (counts >= max_new_tokens) | (cache.lengths >= capacity)
+        return step + 1, tok, done, out, counts, cache, key
+
+    def cond(state):
+        step, _, done, *_ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, tok, done, out, counts, cache, key = state
+        logits, cache = forward(params, cache, tok[:, None], (~done).astype(jnp.int32))
+        return emit((step, tok, done, out, counts, cache, key), logits)
+
+    state = (jnp.int32(0), jnp.zeros((batch,), jnp.int32), ~active,
+             jnp.zeros((batch, capacity), jnp.int32), jnp.zeros((batch,), jnp.int32), cache, key)
+    state = jax.lax.while_loop(cond, body, emit(state, logits))
+    _, _, _, out, counts, cache, _ = state
+    return out, counts, cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A validated, padded batch of prompts ready for the jitted steps."""
+
+    tokens: np.ndarray  # [B, bucket] int32
+    lengths: np.ndarray  # [B] int32, 0 for batch-padding rows
+    num_rows: int
+    single: bool
+
+
+def _as_rows(prompt: Sequence[int] | Sequence[Sequence[int]]) -> tuple[list[list[int]], bool]:
+    if isinstance(prompt, (str, bytes)):
+        raise GenerateError("prompt must be token ids (a list of ints or a list of lists); "
+                            "tokenize text first, e.g. tokenizer.encode(text)")
+    if isinstance(prompt, (np.ndarray, jax.Array)):
+        prompt = np.asarray(prompt).tolist()
+    prompt = list(prompt)
+    if not prompt:
+        raise GenerateError("prompt is empty: give at least one token id")
+    single = not isinstance(prompt[0], (list, tuple, np.ndarray))
+    rows = [prompt] if single else [list(np.asarray(r).tolist()) for r in prompt]
+    return rows, single
+
+
+def make_request(params: Params, cache: KVCache, prompt, max_new_tokens: int) -> Request:
+    """Validates prompts against the model and cache and pads them into one bucket."""
+    rows, single = _as_rows(prompt)
+    vocab = params.config.vocab_size
+    if len(rows) > cache.batch_size:
+        raise GenerateError(f"{len(rows)} prompts but the cache holds {cache.batch_size} rows; "
+                            f"make the cache with init_cache(params, batch_size={len(rows)}, ...)")
+    for i, row in enumerate(rows):
+        if len(row) == 0:
+            raise GenerateError(f"prompt {i} is empty: every prompt needs at least one token id")
+        if not all(isinstance(t, (int, np.integer)) for t in row):
+            raise GenerateError(f"prompt {i} holds something other than integer token ids")
+        bad = [t for t in row if not 0 <= t < vocab]
+        if bad:
+            raise GenerateError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): "
+                                f"{bad[:5]}; was it tokenized for another model?")
+        if len(row) + max_new_tokens > cache.max_length:
+            raise GenerateError(
+                f"prompt {i} has {len(row)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                f"{len(row) + max_new_tokens} cache positions but the cache holds {cache.max_length} "
+                f"per row; make a larger cache (init_cache(..., max_length=...)) or ask for fewer tokens")
+    bucket = prefill_bucket(max(len(r) for r in rows), cache.max_length)
+    tokens = np.zeros((cache.batch_size, bucket), np.int32)
+    lengths = np.zeros((cache.batch_size,), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = row
+        lengths[i] = len(row)
+    return Request(tokens, lengths, len(rows), single)
+
+
+def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop_ids: Sequence[int] | None = None):
+    """Generates a continuation of `prompt` (token ids, or a batch of lists of different lengths).
+
+    `temperature` 0 is greedy; `top_k` 0 and `top_p` 1 switch those filters off. Generation of a
+    row stops after `max_new_tokens` or at a stop id (default: the model's eos ids), which is not
+    returned. `cache` may be None (one is made to fit). Returns (ids, cache): ids is a list of
+    ints for a single prompt, a list of lists for a batch; the cache holds the rows' K/V.
+    """
+    if not isinstance(params, Params):
+        raise GenerateError("params must be swiftkv_jax Params (from swiftkv_jax.load or init_params)")
+    if int(max_new_tokens) < 1:
+        raise GenerateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise GenerateError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise GenerateError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise GenerateError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    stop = tuple(params.config.eos_token_ids if stop_ids is None else stop_ids)
+    if len(stop) > MAX_STOP_IDS:
+        raise GenerateError(f"at most {MAX_STOP_IDS} stop ids are supported, got {len(stop)}")
+    if cache is None:
+        rows, _ = _as_rows(prompt)
+        needed = max(len(r) for r in rows) + int(max_new_tokens)
+        cache = init_cache(params, len(rows), max(needed, MIN_BUCKET))
+    req = make_request(params, cache, prompt, int(max_new_tokens))
+    logits, cache = prefill(params, cache, jnp.asarray(req.tokens), jnp.asarray(req.lengths))
+    stop_arr = np.full((MAX_STOP_IDS,), -1, np.int32)
+    stop_arr[:len(stop)] = stop
+    out, counts, cache = decode(
+        params, cache, logits, jnp.asarray(req.lengths > 0), jax.random.PRNGKey(seed),
+        jnp.int32(max_new_tokens), jnp.float32(temperature), jnp.int32(top_k),
+        jnp.float32(top_p), jnp.asarray(stop_arr))
+    out, counts = np.asarray(out), np.asarray(counts)
+    ids = [out[i, :counts[i]].tolist() for i in range(req.num_rows)]
+    return (ids[0] if req.single else ids), cache

@@ -1,0 +1,97 @@
+"""GGUF (llama.cpp) files: metadata -> ModelConfig, tensors dequantized -> HF names and layout.
+
+llama.cpp stores q/k weights permuted for interleaved RoPE; we undo that so the half-split RoPE
+of the Hugging Face layout applies (as transformers' own GGUF loader does).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ConfigError, ModelConfig
+from .params import Params
+from .weights import WeightsError, params_from_tensors
+
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
+                 "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+_LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor (None for tensors we do not use, e.g. rope_freqs)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's q/k row permutation ([out, in] rows interleaved per head)."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_metadata(reader: Any) -> dict[str, Any]:
+    """Scalar and string GGUF metadata fields (token lists are skipped)."""
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key.split(".")[-1] in ("tokens", "scores",
+                                                                         "token_type", "merges"):
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:  # exotic field types we never need
+            continue
+    return meta
+
+
+def load_gguf(path: str | Path, dtype: Any = jnp.float32, progress: bool = True) -> Params:
+    """Params from a llama GGUF file, dequantizing any tensor type the gguf package supports."""
+    import gguf
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises bare ValueError/struct errors
+        raise WeightsError(f"{path} is not a readable GGUF file: {e}") from None
+    meta = read_metadata(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise WeightsError(f"{path} has no token_embd.weight tensor; is it a llama GGUF?")
+    vocab = int(tensors["token_embd.weight"].shape[1])
+    cfg = ModelConfig.from_gguf_metadata(meta, vocab, tie_word_embeddings="output.weight" not in tensors)
+    by_hf = {hf_name(n): t for n, t in tensors.items() if hf_name(n) is not None}
+
+    def get(name: str) -> np.ndarray:
+        t = by_hf[name]
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise WeightsError(f"GGUF tensor {t.name} has type {t.tensor_type.name}, which the gguf "
+                               "package cannot dequantize; convert the model with another type") from None
+        w = np.asarray(w, np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
+        if name.endswith("q_proj.weight"):
+            w = unpermute_qk(w, cfg.num_heads)
+        elif name.endswith("k_proj.weight"):
+            w = unpermute_qk(w, cfg.num_kv_heads)
+        return w
+
+    return params_from_tensors(cfg, get, by_hf.keys(), dtype, progress)
+
+
+def load_gguf_tokenizer(path: str | Path) -> Any:
+    """The tokenizer embedded in a GGUF file, through transformers (None if it cannot build one)."""
+    from transformers import AutoTokenizer
+    path = Path(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception:
+        return None

