@@ -25,12 +25,13 @@ class Params:
 
     Layout (`D` hidden, `H`/`K` query/kv heads, `h` head_dim, `F` MLP width, `V` vocab):
       embed_tokens [V, D]; norm {weight [D]}; lm_head [D, V] (absent when tied);
-      lower: layers [0, L) stacked on a leading axis, each
+      layers: a list of N per-layer trees, each
         input_layernorm {weight}, q_proj [D, H, h], k_proj/v_proj [D, K, h], o_proj [H, h, D],
         post_attention_layernorm {weight}, mlp {gate_proj, up_proj [D, F], down_proj [F, D]};
-      upper (SwiftKV only): layers [L, N) stacked, same keys plus q_proj_swiftkv [D, H, h]
-        (their own q/k/v_proj are kept when known: the distillation teacher uses them);
-      swiftkv (SwiftKV only): norm {weight [D]}, k_proj/v_proj [G, D, K, h] for the G group leaders.
+        SwiftKV layers >= L add q_proj_swiftkv [D, H, h] (their own q/k/v_proj are kept when
+        known: the distillation teacher uses them);
+      swiftkv (SwiftKV only): norm {weight [D]}, k_proj/v_proj [G, D, K, h] for the G group leaders,
+        stacked so one einsum projects every group.
     """
 
     weights: Weights

@@ -21,20 +21,21 @@ def to_swiftkv(params: Params, num_key_value_layers: int, group_size: int = 1) -
         raise ConfigError("these params are already SwiftKV; convert the plain model instead")
     new_cfg = cfg.replace(num_key_value_layers=num_key_value_layers, key_value_group_size=group_size)
     L, g, n_groups = num_key_value_layers, group_size, new_cfg.num_kv_groups
-    layers = params.weights["lower"]
-    weights = {k: v for k, v in params.weights.items() if k != "lower"}
+    layers = [dict(layer) for layer in params.weights["layers"]]
+    weights = dict(params.weights, layers=layers)
     if L == cfg.num_layers:
-        return Params(dict(weights, lower=layers), new_cfg)
-    lower = jax.tree.map(lambda x: x[:L], layers)
-    upper = jax.tree.map(lambda x: x[L:], layers)
-    upper["q_proj_swiftkv"] = upper["q_proj"]
+        return Params(weights, new_cfg)
+    for layer in layers[L:]:
+        layer["q_proj_swiftkv"] = layer["q_proj"]
 
-    def group_mean(w: jax.Array) -> jax.Array:
-        return w.reshape((n_groups, g) + w.shape[1:]).astype(jnp.float32).mean(axis=1).astype(w.dtype)
+    def group_mean(name: str) -> jax.Array:
+        w = jnp.stack([layer[name] for layer in layers[L:]])
+        w = w.reshape((n_groups, g) + w.shape[1:])
+        return w.astype(jnp.float32).mean(axis=1).astype(w.dtype)
 
-    weights.update(lower=lower, upper=upper, swiftkv={
-        "norm": {"weight": layers["input_layernorm"]["weight"][L]},
-        "k_proj": group_mean(upper["k_proj"]),
-        "v_proj": group_mean(upper["v_proj"]),
-    })
+    weights["swiftkv"] = {
+        "norm": {"weight": layers[L]["input_layernorm"]["weight"]},
+        "k_proj": group_mean("k_proj"),
+        "v_proj": group_mean("v_proj"),
+    }
     return Params(weights, new_cfg)

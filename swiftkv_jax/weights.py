@@ -113,7 +113,8 @@ def _is_optional(cfg: ModelConfig, layer: int, suffix: str) -> bool:
 
 
 def _wanted(cfg: ModelConfig, layer: int, suffix: str) -> bool:
-    return suffix.startswith("self_attn.q_proj_swiftkv") == (layer >= cfg.num_key_value_layers)
+    """q_proj_swiftkv exists only on SwiftKV layers (>= L); every other tensor on every layer."""
+    return layer >= cfg.num_key_value_layers or not suffix.startswith("self_attn.q_proj_swiftkv")
 
 
 def params_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], names: Iterable[str],
@@ -126,6 +127,8 @@ def params_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], name
     names = set(names)
     L, n, g = cfg.num_key_value_layers, cfg.num_layers, cfg.key_value_group_size
     np_dtype = jnp.dtype(dtype)
+    bar = tqdm(total=len(names), desc="loading weights", unit="tensor", disable=not progress,
+               leave=False)
 
     def fetch(name: str, spec: _Tensor) -> np.ndarray:
         if name not in names:
@@ -138,19 +141,13 @@ def params_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], name
         bar.update()
         return spec.from_hf(w.astype(np.float32)).astype(np_dtype)
 
-    bar = tqdm(total=len(names), desc="loading weights", unit="tensor", disable=not progress,
-               leave=False)
-    weights: dict[str, Any] = {}
-    for seg, layers in (("lower", range(0, L)), ("upper", range(L, n))):
+    layers: list[dict] = [{} for _ in range(n)]
+    for i, layer in enumerate(layers):
         for suffix, spec in _layer_tensors(cfg).items():
-            if not layers or not _wanted(cfg, layers[0], suffix):
-                continue
-            if _is_optional(cfg, layers[0], suffix) and f"model.layers.{layers[0]}.{suffix}" not in names:
-                continue
-            stacked = np.empty((len(layers),) + spec.shape, np_dtype)
-            for j, i in enumerate(layers):
-                stacked[j] = fetch(f"model.layers.{i}.{suffix}", spec)
-            _set(weights.setdefault(seg, {}), spec.path, stacked)
+            name = f"model.layers.{i}.{suffix}"
+            if _wanted(cfg, i, suffix) and not (_is_optional(cfg, i, suffix) and name not in names):
+                _set(layer, spec.path, fetch(name, spec))
+    weights: dict[str, Any] = {"layers": layers}
     for name, spec in _global_tensors(cfg).items():
         _set(weights, spec.path, fetch(name, spec))
     if cfg.swiftkv:
@@ -170,14 +167,12 @@ def params_to_tensors(params: Params) -> Iterator[tuple[str, np.ndarray]]:
     host = lambda x: np.asarray(jax.device_get(x), np.float32)
     for name, spec in _global_tensors(cfg).items():
         yield name, spec.to_hf(host(_get(w, spec.path)))
-    for seg, start in (("lower", 0), ("upper", L)):
+    for i, layer in enumerate(w["layers"]):
         for suffix, spec in _layer_tensors(cfg).items():
             try:
-                stacked = host(_get(w.get(seg, {}), spec.path))
+                yield f"model.layers.{i}.{suffix}", spec.to_hf(host(_get(layer, spec.path)))
             except KeyError:
                 continue
-            for j, x in enumerate(stacked):
-                yield f"model.layers.{start + j}.{suffix}", spec.to_hf(x)
     if cfg.swiftkv:
         spec = _layer_tensors(cfg)["self_attn.k_proj.weight"]
         for proj in ("k_proj", "v_proj"):
