@@ -23,7 +23,8 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
     desc = jnp.where(rank < k, desc, -jnp.inf)
     probs = jax.nn.softmax(desc, axis=-1)
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    # top_p >= 1 keeps all: f32 cumulative sums can reach 1 before the tail of the vocabulary.
+    keep = ((jnp.cumsum(probs, axis=-1) - probs) < top_p) | (top_p >= 1)
     cutoff = jnp.min(jnp.where(keep & (rank < k), desc, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(x >= cutoff, x, -jnp.inf)
 

@@ -1,0 +1,95 @@
+"""generate(): sampling rules, seeds, compilation behaviour."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import swiftkv_jax as sk
+from swiftkv_jax.generate import decode, prefill, prefill_bucket
+from swiftkv_jax.sampling import filter_logits, sample
+
+CFG = sk.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=8, eos_token_ids=(2,))
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = sk.init_params(CFG, jax.random.PRNGKey(0))
+    # Scale the head so the distribution is peaked enough for sampling to be interesting.
+    return sk.Params(dict(p.weights, lm_head=p.weights["lm_head"] * 20), CFG)
+
+
+def test_same_seed_same_output_different_seed_differs(params):
+    kw = dict(max_new_tokens=24, temperature=1.0, top_k=40, top_p=0.95, stop_ids=[])
+    a, _ = sk.generate(params, None, [5, 6, 7], seed=1, **kw)
+    b, _ = sk.generate(params, None, [5, 6, 7], seed=1, **kw)
+    c, _ = sk.generate(params, None, [5, 6, 7], seed=2, **kw)
+    assert a == b and a != c
+
+
+def test_top_k_1_equals_greedy(params):
+    greedy, _ = sk.generate(params, None, [5, 6, 7], max_new_tokens=24, stop_ids=[])
+    top1, _ = sk.generate(params, None, [5, 6, 7], max_new_tokens=24, temperature=1.3, top_k=1,
+                          seed=3, stop_ids=[])
+    assert top1 == greedy
+
+
+def _allowed(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> set[int]:
+    """The allowed set computed independently with numpy: top-k, then the top-p nucleus."""
+    order = np.argsort(-logits)
+    keep = order[:top_k] if top_k else order
+    p = np.exp((logits[keep] - logits[keep].max()) / temperature)
+    p /= p.sum()
+    n = int(np.searchsorted(np.cumsum(p), top_p) + 1)  # smallest prefix with mass >= top_p
+    if top_p >= 1:  # off
+        n = len(keep)
+    return set(keep[:min(n, len(keep))].tolist())
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, 1.0), (0.7, 0, 0.6), (1.5, 10, 0.5),
+                                                     (1.0, 0, 1.0)])
+def test_filter_allows_exactly_the_top_k_top_p_set(temperature, top_k, top_p):
+    logits = np.random.default_rng(0).normal(size=(4, 200)).astype(np.float32) * 3
+    out = np.asarray(filter_logits(jnp.asarray(logits), jnp.float32(temperature), jnp.int32(top_k),
+                                   jnp.float32(top_p)))
+    for row in range(4):
+        assert set(np.flatnonzero(np.isfinite(out[row])).tolist()) == \
+            _allowed(logits[row], temperature, top_k, top_p)
+
+
+def test_samples_stay_in_allowed_set_and_follow_the_distribution():
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(1, 50)).astype(np.float32) * 2)
+    allowed = _allowed(np.asarray(logits[0]), 1.0, 8, 0.8)
+    draw = jax.jit(jax.vmap(lambda k: sample(logits, k, jnp.float32(1.0), jnp.int32(8),
+                                             jnp.float32(0.8))[0]))
+    tokens = np.asarray(draw(jax.random.split(jax.random.PRNGKey(0), 20000)))
+    assert set(np.unique(tokens).tolist()) <= allowed
+    # Frequencies follow the renormalised distribution over the allowed set.
+    idx = np.array(sorted(allowed))
+    p = np.exp(np.asarray(logits[0])[idx] - np.asarray(logits[0])[idx].max())
+    p /= p.sum()
+    freq = np.array([(tokens == i).mean() for i in idx])
+    assert np.abs(freq - p).max() < 0.02
+
+
+def test_new_length_in_bucket_and_new_sampling_values_do_not_recompile(params):
+    cache = sk.init_cache(params, 2, 64)
+    _, cache = sk.generate(params, cache, [[1] * 5, [2] * 9], max_new_tokens=4)
+    before = (prefill._cache_size(), decode._cache_size())
+    for lengths, kw in [((7, 12), dict(temperature=0.5)), ((16, 3), dict(top_k=5, top_p=0.9, seed=4)),
+                        ((10, 11), dict(max_new_tokens=9, stop_ids=[3, 4]))]:
+        kw.setdefault("max_new_tokens", 4)
+        _, cache = sk.generate(params, cache, [[1] * lengths[0], [2] * lengths[1]], **kw)
+    assert (prefill._cache_size(), decode._cache_size()) == before
+    assert prefill_bucket(7, 64) == prefill_bucket(16, 64) == 16
+    _, cache = sk.generate(params, cache, [[1] * 17, [2]], max_new_tokens=4)  # next bucket: compiles
+    assert prefill._cache_size() == before[0] + 1
+
+
+def test_cache_is_reused_across_calls_and_rows_are_reset(params):
+    cache = sk.init_cache(params, 1, 64)
+    first, cache = sk.generate(params, cache, [5, 6, 7], max_new_tokens=10, stop_ids=[])
+    assert int(cache.lengths[0]) == 3 + 10 - 1  # the last sampled token is not fed back
+    again, cache = sk.generate(params, cache, [5, 6, 7], max_new_tokens=10, stop_ids=[])
+    assert again == first

@@ -1,0 +1,31 @@
+"""GGUF loading: tiny models written as llama.cpp files, checked against transformers' GGUF loader."""
+
+import gguf
+import jax.numpy as jnp
+import pytest
+import torch
+import transformers
+
+import swiftkv_jax as sk
+from conftest import hf_greedy, hf_logits, make_hf_llama, prompts, rel_err
+from gguf_writer import write_gguf
+
+
+@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                                   gguf.GGMLQuantizationType.Q8_0])
+@pytest.mark.parametrize("kv_heads,tied", [(2, True), (1, False)])
+def test_gguf_matches_transformers_gguf_loader(tmp_path, qtype, kv_heads, tied):
+    torch_model = make_hf_llama(tmp_path / "hf", num_key_value_heads=kv_heads, tie_word_embeddings=tied,
+                                hidden_size=64, intermediate_size=64)
+    path = write_gguf(torch_model, tmp_path / "tiny.gguf", qtype)
+    params, _ = sk.load(path, progress=False, tokenizer=False)
+    assert params.config.num_kv_heads == kv_heads and params.config.tie_word_embeddings == tied
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32, attn_implementation="eager").eval()
+    ids = prompts(params.config.vocab_size, [24], seed=0)
+    ours, _ = sk.forward(params, None, jnp.asarray(ids), all_logits=True)
+    assert rel_err(ours, hf_logits(ref_model, ids)) <= 1e-4
+    assert sk.generate(params, None, ids[0], max_new_tokens=32, stop_ids=[])[0] == \
+        hf_greedy(ref_model, ids[0], 32)
+    if qtype == gguf.GGMLQuantizationType.F32:  # unquantized: equal to the original HF weights too
+        assert rel_err(ours, hf_logits(torch_model, ids)) <= 1e-4
