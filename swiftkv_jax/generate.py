@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Sequence
 
 import jax
@@ -134,13 +135,14 @@ def make_request(params: Params, cache: KVCache, prompt, max_new_tokens: int) ->
 
 def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_ids: Sequence[int] | None = None):
+             stop_ids: Sequence[int] | None = None, timings: dict[str, float] | None = None):
     """Generates a continuation of `prompt` (token ids, or a batch of lists of different lengths).
 
     `temperature` 0 is greedy; `top_k` 0 and `top_p` 1 switch those filters off. Generation of a
     row stops after `max_new_tokens` or at a stop id (default: the model's eos ids), which is not
     returned. `cache` may be None (one is made to fit). Returns (ids, cache): ids is a list of
     ints for a single prompt, a list of lists for a batch; the cache holds the rows' K/V.
+    A `timings` dict, if given, receives prefill_s (time to first logits) and decode_s.
     """
     if not isinstance(params, Params):
         raise GenerateError("params must be swiftkv_jax Params (from swiftkv_jax.load or init_params)")
@@ -160,7 +162,12 @@ def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: i
         needed = max(len(r) for r in rows) + int(max_new_tokens)
         cache = init_cache(params, len(rows), max(needed, MIN_BUCKET))
     req = make_request(params, cache, prompt, int(max_new_tokens))
+    t0 = time.perf_counter()
     logits, cache = prefill(params, cache, jnp.asarray(req.tokens), jnp.asarray(req.lengths))
+    if timings is not None:
+        logits.block_until_ready()
+        timings["prefill_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
     stop_arr = np.full((MAX_STOP_IDS,), -1, np.int32)
     stop_arr[:len(stop)] = stop
     out, counts, cache = decode(
@@ -168,5 +175,7 @@ def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: i
         jnp.int32(max_new_tokens), jnp.float32(temperature), jnp.int32(top_k),
         jnp.float32(top_p), jnp.asarray(stop_arr))
     out, counts = np.asarray(out), np.asarray(counts)
+    if timings is not None:
+        timings["decode_s"] = time.perf_counter() - t0
     ids = [out[i, :counts[i]].tolist() for i in range(req.num_rows)]
     return (ids[0] if req.single else ids), cache

@@ -1,0 +1,546 @@
+"""Prefill and decode speed of swiftkv_jax vs Hugging Face transformers on SmolLM2-135M-Instruct.
+
+One process measures, in order:
+  1. the machine's ceilings, in JAX: matmul FLOP/s and memory read GB/s;
+  2. ours (swiftkv_jax): prefill at each prompt length (batch 1) and greedy decode of
+     `--new-tokens` tokens at batch 1 and 8, with compile times;
+  3. Hugging Face transformers (PyTorch, same weights dequantized from the same GGUF file):
+     the same prefill and decode work.
+It prints one table with PASS/FAIL floors and writes generate.json and generate.png to `--out`.
+
+What is timed (every number is the best of `--repeats` steady-state runs, after one warm-up):
+  * prefill: one forward over a [1, T] prompt of random token ids that writes the KV cache and
+    returns the last token's logits. Ours: `prefill` (jitted). HF: `model(ids, logits_to_keep=1)`,
+    so HF, like ours, computes the LM head for the last token only. Time to first token ~ this.
+  * decode: ours: the jitted `decode` while_loop alone (prefill of a 32-token prompt runs
+    untimed before it); tokens/s = tokens generated / time. HF: `model.generate(...)` with
+    `min_new_tokens = max_new_tokens` and `do_sample=False`, minus the best time of the same
+    32-token prefill forward; tokens/s = batch * new tokens / that difference. Both count the
+    first new token (sampled from the prefill logits) as a decoded token.
+  * compile time (ours): first call minus the best steady-state call. No persistent JAX
+    compilation cache is used, so these are real compile times.
+
+Run: PYTHONPATH=. .venv/bin/python benchmarks/bench_generate.py   (a few minutes on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile times must be real ones
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import swiftkv_jax as sk  # noqa: E402
+from swiftkv_jax.generate import MAX_STOP_IDS, decode, prefill, prefill_bucket  # noqa: E402
+
+MODEL_NAME = "SmolLM2-135M-Instruct"
+DECODE_PROMPT_LEN = 32  # prompt tokens before the timed decode
+SEED = 0
+# Floors this benchmark checks (see check_floors).
+FLOOR_DECODE_VS_HF = 4.0
+FLOOR_DECODE_VS_BANDWIDTH = 0.60
+FLOOR_PREFILL_VS_HF = 1.5
+FLOOR_PREFILL_LENGTH = 1024
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """Progress line with the seconds since start."""
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+@dataclasses.dataclass
+class Timing:
+    """Wall-clock seconds of one measured operation: the first (warm-up/compile) call and the
+    steady-state runs after it."""
+
+    first: float
+    runs: list[float]
+
+    @property
+    def best(self) -> float:
+        return min(self.runs)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+    @property
+    def compile(self) -> float:
+        """First call minus the best steady call (for jitted code: tracing + XLA compile)."""
+        return max(self.first - self.best, 0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"first_s": self.first, "runs_s": self.runs, "best_s": self.best,
+                "median_s": self.median}
+
+
+def time_calls(call: Callable[[], float], repeats: int) -> Timing:
+    """Runs `call` (which returns the seconds of the part it times) once as warm-up, then
+    `repeats` times."""
+    first = call()
+    return Timing(first, [call() for _ in range(repeats)])
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds `fn` takes; `fn` must block until its result is ready."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class CpuShare:
+    """Share of the machine's CPU time that *other* processes used between start() and stop()
+    (Linux /proc/stat); a busy machine makes every number here lower and noisier."""
+
+    def __init__(self) -> None:
+        self._start: tuple[float, float, float] | None = None
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            fields = [float(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        total, idle = sum(fields[:8]) / hz, (fields[3] + fields[4]) / hz
+        mine = sum(os.times()[:2])
+        return total, total - idle, mine
+
+    def start(self) -> None:
+        self._start = self._sample()
+
+    def others(self) -> float | None:
+        end = self._sample()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return None
+        total, busy, mine = (e - s for e, s in zip(end, self._start))
+        return min(max((busy - mine) / total, 0.0), 1.0)
+
+
+# ----------------------------------------------------------------------------- machine ceilings
+
+def matmul_flops(dtype: Any, n: int = 4096, repeats: int = 5) -> float:
+    """Best FLOP/s of a jitted [n, n] @ [n, n] matmul in `dtype`."""
+    ka, kb = jax.random.split(jax.random.PRNGKey(SEED))
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+    mm = jax.jit(jnp.matmul)
+    t = time_calls(lambda: timed(lambda: mm(a, b).block_until_ready()), repeats)
+    return 2 * n ** 3 / t.best
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best bytes/s of a jitted float32 sum over an `nbytes` array (read once, nothing written)."""
+    x = jnp.arange(nbytes // 4, dtype=jnp.float32).block_until_ready()
+    total = jax.jit(jnp.sum)
+    t = time_calls(lambda: timed(lambda: total(x).block_until_ready()), repeats)
+    del x
+    return nbytes / t.best
+
+
+# ----------------------------------------------------------------------------- workload
+
+def random_prompts(vocab: int, batch: int, length: int, seed: int = SEED) -> np.ndarray:
+    """[batch, length] int32 random token ids (fixed seed: HF and ours get the same prompts)."""
+    return np.random.default_rng(seed + 1000 * batch + length).integers(
+        0, vocab, (batch, length), dtype=np.int32)
+
+
+def prefill_flops(cfg: sk.ModelConfig, length: int) -> float:
+    """Useful FLOPs of a batch-1 prefill of `length` tokens in a dense Llama: all projections and
+    MLPs for every token, causal attention (QK^T and PV over the keys at or before each query),
+    and the LM head for the last token only."""
+    d, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, \
+        cfg.num_kv_heads * cfg.head_dim
+    per_token = 2 * (d * q + 2 * d * kv + q * d + 3 * d * f)
+    attention = 2 * 2 * q * length * (length + 1) / 2
+    return cfg.num_layers * (length * per_token + attention) + 2 * d * cfg.vocab_size
+
+
+# ----------------------------------------------------------------------------- ours
+
+def ours_prefill(params: sk.Params, length: int, new_tokens: int, repeats: int) -> Timing:
+    """Times our jitted prefill of a [1, length] prompt into a cache sized for generation."""
+    tokens = jnp.asarray(random_prompts(params.config.vocab_size, 1, length))
+    num_new = jnp.asarray([length], jnp.int32)
+    cache = sk.init_cache(params, 1, length + new_tokens)
+    if prefill_bucket(length, cache.max_length) != length:
+        log(f"  note: length {length} is not a power of two; ours pads it to "
+            f"{prefill_bucket(length, cache.max_length)} as generate() would")
+        tokens = jnp.pad(tokens, ((0, 0), (0, prefill_bucket(length, cache.max_length) - length)))
+
+    def run() -> float:
+        nonlocal cache
+        start = time.perf_counter()
+        logits, cache = prefill(params, cache, tokens, num_new)
+        logits.block_until_ready()
+        return time.perf_counter() - start
+
+    return time_calls(run, repeats)
+
+
+@dataclasses.dataclass
+class DecodeResult:
+    timing: Timing
+    tokens: int  # tokens generated per timed run, all rows together
+    row0: list[int]  # the greedy tokens of row 0 (to check that both sides run the same model)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.timing.best
+
+
+def ours_decode(params: sk.Params, batch: int, new_tokens: int, repeats: int) -> DecodeResult:
+    """Times our jitted greedy decode loop alone; an untimed prefill refills the cache first."""
+    prompts = random_prompts(params.config.vocab_size, batch, DECODE_PROMPT_LEN)
+    cache = sk.init_cache(params, batch, DECODE_PROMPT_LEN + new_tokens)
+    tokens = jnp.asarray(prompts)
+    num_new = jnp.full((batch,), DECODE_PROMPT_LEN, jnp.int32)
+    stop = np.full((MAX_STOP_IDS,), -1, np.int32)  # -1 never matches: all tokens are generated
+    args = (jnp.ones((batch,), bool), jax.random.PRNGKey(SEED), jnp.int32(new_tokens),
+            jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0), jnp.asarray(stop))
+    generated: list[int] = []
+    row0: list[int] = []
+
+    def run() -> float:
+        nonlocal cache, row0
+        logits, cache = prefill(params, cache, tokens, num_new)
+        logits.block_until_ready()
+        start = time.perf_counter()
+        out, counts, cache = decode(params, cache, logits, *args)
+        counts.block_until_ready()
+        elapsed = time.perf_counter() - start
+        generated.append(int(np.asarray(counts).sum()))
+        row0 = np.asarray(out)[0, :new_tokens].tolist()
+        return elapsed
+
+    timing = time_calls(run, repeats)
+    if len(set(generated)) != 1 or generated[0] != batch * new_tokens:
+        raise RuntimeError(f"decode generated {generated} tokens, expected {batch * new_tokens}")
+    return DecodeResult(timing, generated[0], row0)
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+def load_hf(dtype_name: str) -> Any:
+    """HF LlamaForCausalLM from the same GGUF file (dequantized), eval mode, all CPU threads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(os.cpu_count() or 1)
+    path = sk.default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype_name))
+    return model.eval()
+
+
+def hf_prefill(model: Any, prompts: np.ndarray, repeats: int) -> Timing:
+    """Times one HF forward over `prompts` with the LM head on the last token only."""
+    import torch
+    ids = torch.from_numpy(prompts.astype(np.int64))
+
+    def run() -> float:
+        with torch.inference_mode():
+            return timed(lambda: model(ids, logits_to_keep=1))
+
+    return time_calls(run, repeats)
+
+
+def hf_decode(model: Any, batch: int, new_tokens: int, repeats: int) -> tuple[DecodeResult, Timing]:
+    """Times HF greedy generate() of exactly `new_tokens` tokens per row, minus its prefill.
+
+    Returns the decode result, whose runs are generate() times minus the best time of a separate
+    prefill forward over the same prompts, and that prefill's timing."""
+    import torch
+    prompts = random_prompts(model.config.vocab_size, batch, DECODE_PROMPT_LEN)
+    ids = torch.from_numpy(prompts.astype(np.int64))
+    mask = torch.ones_like(ids)
+    pre = hf_prefill(model, prompts, repeats)
+
+    row0: list[int] = []
+
+    def generate(n: int) -> float:
+        nonlocal row0
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=model.config.eos_token_id)
+            elapsed = time.perf_counter() - start
+        if out.shape != (batch, DECODE_PROMPT_LEN + n):
+            raise RuntimeError(f"HF generate returned shape {tuple(out.shape)}")
+        row0 = out[0, DECODE_PROMPT_LEN:].tolist()
+        return elapsed
+
+    first = generate(4)  # short warm-up: generate()'s setup paths, allocator
+    runs = [generate(new_tokens) - pre.best for _ in range(repeats)]
+    return DecodeResult(Timing(first, runs), batch * new_tokens, row0), pre
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the shared prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------- report
+
+def fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def check_floors(res: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(floor, measured, PASS/FAIL/SKIP) for each floor."""
+    def row(name: str, value: float | None, floor: float, shown: str) -> tuple[str, str, str]:
+        if value is None:
+            return name, "not measured", "SKIP"
+        return name, shown, "PASS" if value >= floor else "FAIL"
+
+    d1 = res["decode"].get("1", {})
+    r, f = d1.get("ratio"), d1.get("ours_fraction_of_bandwidth_limit")
+    p = res["prefill"].get(str(FLOOR_PREFILL_LENGTH), {}).get("ratio")
+    return [
+        row(f"decode batch 1 >= {FLOOR_DECODE_VS_HF:g}x HF", r, FLOOR_DECODE_VS_HF,
+            f"{fmt(r, '.2f')}x"),
+        row(f"decode batch 1 >= {FLOOR_DECODE_VS_BANDWIDTH:.0%} of bandwidth limit", f,
+            FLOOR_DECODE_VS_BANDWIDTH, f"{fmt(None if f is None else 100 * f, '.0f')}%"),
+        row(f"prefill {FLOOR_PREFILL_LENGTH} >= {FLOOR_PREFILL_VS_HF:g}x HF", p,
+            FLOOR_PREFILL_VS_HF, f"{fmt(p, '.2f')}x"),
+    ]
+
+
+def render_table(res: dict[str, Any]) -> str:
+    """The printed report: header with ceilings, one table of metrics, floors."""
+    m, c = res["meta"], res["ceilings"]
+    lines = [
+        f"{MODEL_NAME} ({m['num_parameters'] / 1e6:.1f}M params, {m['param_bytes'] / 1e6:.1f} MB "
+        f"{m['dtype']}) on {m['cpu_count']} CPU cores; every number is the best of "
+        f"{m['repeats']} runs",
+        f"ceilings (JAX): matmul {m['dtype']} {c['matmul_n']}^3 {c['matmul_flops'] / 1e9:.1f} "
+        f"GFLOP/s | memory read (sum of 1 GiB f32) {c['read_bytes_per_s'] / 1e9:.1f} GB/s | "
+        f"batch-1 decode bandwidth limit = read / param bytes = "
+        f"{c['decode_bandwidth_limit_tok_s']:.1f} tok/s",
+        "",
+    ]
+    header = ("metric", "ours", "HF", "ours/HF", "notes")
+    rows: list[tuple[str, ...]] = []
+    for length, p in res["prefill"].items():
+        peak = f"{100 * p['ours_fraction_of_matmul_peak']:.0f}%"
+        if p.get("hf_fraction_of_matmul_peak") is not None:
+            peak += f" / HF {100 * p['hf_fraction_of_matmul_peak']:.0f}%"
+        rows.append((f"prefill {length} tok/s", fmt(p["ours_tok_s"]), fmt(p.get("hf_tok_s")),
+                     fmt(p.get("ratio"), ".2f"),
+                     f"matmul peak: ours {peak}; compile {p['ours_compile_s']:.1f} s"))
+        rows.append((f"  TTFT {length} ms", fmt(1e3 * p["ours_s"], ".0f"),
+                     fmt(None if p.get("hf_s") is None else 1e3 * p["hf_s"], ".0f"), "", ""))
+    for batch, d in res["decode"].items():
+        note = f"compile {d['ours_compile_s']:.1f} s"
+        if d.get("ours_fraction_of_bandwidth_limit") is not None:
+            bw = f"{100 * d['ours_fraction_of_bandwidth_limit']:.0f}%"
+            if d.get("hf_fraction_of_bandwidth_limit") is not None:
+                bw += f" / HF {100 * d['hf_fraction_of_bandwidth_limit']:.0f}%"
+            note = f"bandwidth limit: ours {bw}; " + note
+        rows.append((f"decode batch {batch} tok/s", fmt(d["ours_tok_s"]), fmt(d.get("hf_tok_s")),
+                     fmt(d.get("ratio"), ".2f"), note))
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    lines += [line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
+    lines += ["", f"prefill: batch 1, random token ids; TTFT = prefill time. decode: "
+              f"{m['new_tokens']} new tokens after a {DECODE_PROMPT_LEN}-token prompt, greedy; "
+              f"HF decode = generate() minus its prefill."]
+    agree = [f"batch {b}: {d['greedy_agree']}/{m['new_tokens']}" for b, d in res["decode"].items()
+             if "greedy_agree" in d]
+    if agree:
+        lines.append("same model check, greedy tokens of row 0 equal to HF's (leading run): "
+                     + ", ".join(agree))
+    if m.get("other_cpu_share") is not None:
+        lines.append(f"other processes used {100 * m['other_cpu_share']:.0f}% of the machine's "
+                     "CPU during the run" + (" -- numbers are likely depressed and noisy"
+                                              if m["other_cpu_share"] > 0.1 else ""))
+    lines += ["", "floors:"] + [f"  {s:4s}  {name}: {val}" for name, val, s in res["floors"]]
+    return "\n".join(lines)
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Prefill tokens/s vs prompt length (left) and decode tokens/s bars (right)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    lengths = [int(k) for k in res["prefill"]]
+    ours = [p["ours_tok_s"] for p in res["prefill"].values()]
+    ax1.plot(lengths, ours, "o-", label="swiftkv_jax")
+    hf = [p.get("hf_tok_s") for p in res["prefill"].values()]
+    if all(h is not None for h in hf):
+        ax1.plot(lengths, hf, "s-", label="HF transformers")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xticks(lengths, [str(x) for x in lengths])
+    ax1.set_xlabel("prompt tokens (batch 1)")
+    ax1.set_ylabel("prefill tokens/s")
+    ax1.set_ylim(bottom=0)
+    ax1.set_title("prefill")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+
+    batches = list(res["decode"])
+    x = np.arange(len(batches))
+    ax2.bar(x - 0.2, [d["ours_tok_s"] for d in res["decode"].values()], 0.4, label="swiftkv_jax")
+    hf_dec = [d.get("hf_tok_s") for d in res["decode"].values()]
+    if all(h is not None for h in hf_dec):
+        ax2.bar(x + 0.2, hf_dec, 0.4, label="HF transformers")
+    limit = res["ceilings"]["decode_bandwidth_limit_tok_s"]
+    if "1" in res["decode"]:
+        i = batches.index("1")
+        ax2.hlines(limit, i - 0.45, i + 0.45, color="gray", ls="--", lw=1.5,
+                   label=f"batch-1 bandwidth limit ({limit:.0f})")
+    ax2.set_xticks(x, [f"batch {b}" for b in batches])
+    ax2.set_ylabel("decode tokens/s (all rows)")
+    ax2.set_title(f"decode, {res['meta']['new_tokens']} new tokens")
+    ax2.legend()
+    ax2.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{MODEL_NAME}, {res['meta']['dtype']}, {res['meta']['cpu_count']} CPU cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024, 2048],
+                   help="prefill prompt lengths (batch 1)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="decode batch sizes")
+    p.add_argument("--new-tokens", type=int, default=128, help="decoded tokens per row")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per measurement after one warm-up; the best is reported")
+    p.add_argument("--skip-hf", action="store_true", help="measure ours and the ceilings only")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.new_tokens < 1 or min(args.lengths) < 1 or min(args.batch_sizes) < 1:
+        p.error("--repeats, --new-tokens, --lengths and --batch-sizes must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    jax.config.update("jax_enable_compilation_cache", False)
+    cpu = CpuShare()
+    cpu.start()
+
+    log(f"loading {MODEL_NAME} (ours, {args.dtype})")
+    params, _ = sk.load(None, dtype=jnp.float32, progress=False, tokenizer=False)
+    if args.dtype == "bfloat16":
+        params = params.astype(jnp.bfloat16)
+    cfg = params.config
+    meta = {
+        "model": MODEL_NAME, "model_file": str(sk.default_model_path()), "dtype": args.dtype,
+        "num_parameters": params.num_parameters(), "param_bytes": params.nbytes(),
+        "repeats": args.repeats, "statistic": "best", "new_tokens": args.new_tokens,
+        "decode_prompt_tokens": DECODE_PROMPT_LEN, "cpu_count": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+        "jax": jax.__version__, "jax_backend": jax.default_backend(), "command": sys.argv,
+    }
+
+    log("machine ceilings: matmul and memory read")
+    n = 4096
+    flops = matmul_flops(jnp.dtype(args.dtype), n)
+    read = read_bandwidth()
+    ceilings = {"matmul_n": n, "matmul_flops": flops, "read_bytes_per_s": read,
+                "decode_bandwidth_limit_tok_s": read / params.nbytes()}
+    log(f"  matmul {flops / 1e9:.1f} GFLOP/s, read {read / 1e9:.1f} GB/s")
+
+    prefill_res: dict[str, dict[str, Any]] = {}
+    for length in args.lengths:
+        log(f"ours: prefill {length} tokens")
+        t = ours_prefill(params, length, args.new_tokens, args.repeats)
+        prefill_res[str(length)] = {
+            "ours_s": t.best, "ours_tok_s": length / t.best, "ours_compile_s": t.compile,
+            "ours_fraction_of_matmul_peak": prefill_flops(cfg, length) / t.best / flops,
+            "ours_timing": t.to_json()}
+        log(f"  {length / t.best:.1f} tok/s, compile {t.compile:.1f} s")
+
+    decode_res: dict[str, dict[str, Any]] = {}
+    for batch in args.batch_sizes:
+        log(f"ours: decode batch {batch}, {args.new_tokens} new tokens")
+        d = ours_decode(params, batch, args.new_tokens, args.repeats)
+        entry = {"ours_tok_s": d.tokens_per_s, "ours_s": d.timing.best, "ours_row0": d.row0,
+                 "ours_compile_s": d.timing.compile, "tokens": d.tokens,
+                 "ours_timing": d.timing.to_json()}
+        if batch == 1:
+            entry["ours_fraction_of_bandwidth_limit"] = (
+                d.tokens_per_s / ceilings["decode_bandwidth_limit_tok_s"])
+        decode_res[str(batch)] = entry
+        log(f"  {d.tokens_per_s:.1f} tok/s, compile {d.timing.compile:.1f} s")
+    del params
+
+    if not args.skip_hf:
+        import torch
+        import transformers
+        meta.update(torch=torch.__version__, transformers=transformers.__version__)
+        log(f"loading {MODEL_NAME} (HF transformers, {args.dtype})")
+        hf = load_hf(args.dtype)
+        meta["torch_threads"] = torch.get_num_threads()
+        for length in args.lengths:
+            log(f"HF: prefill {length} tokens")
+            t = hf_prefill(hf, random_prompts(cfg.vocab_size, 1, length), args.repeats)
+            p = prefill_res[str(length)]
+            p.update(hf_s=t.best, hf_tok_s=length / t.best,
+                     ratio=ratio(p["ours_tok_s"], length / t.best), hf_timing=t.to_json(),
+                     hf_fraction_of_matmul_peak=prefill_flops(cfg, length) / t.best / flops)
+            log(f"  {length / t.best:.1f} tok/s")
+        for batch in args.batch_sizes:
+            log(f"HF: decode batch {batch}, {args.new_tokens} new tokens")
+            d, pre = hf_decode(hf, batch, args.new_tokens, args.repeats)
+            entry = decode_res[str(batch)]
+            entry.update(hf_tok_s=d.tokens_per_s, hf_s=d.timing.best,
+                         ratio=ratio(entry["ours_tok_s"], d.tokens_per_s),
+                         hf_timing=d.timing.to_json(), hf_prefill_timing=pre.to_json(),
+                         hf_row0=d.row0, greedy_agree=common_prefix(entry["ours_row0"], d.row0))
+            if batch == 1:
+                entry["hf_fraction_of_bandwidth_limit"] = (
+                    d.tokens_per_s / ceilings["decode_bandwidth_limit_tok_s"])
+            log(f"  {d.tokens_per_s:.1f} tok/s; row 0's greedy tokens agree with ours for the "
+                f"first {entry['greedy_agree']} of {args.new_tokens}")
+
+    meta["other_cpu_share"] = cpu.others()
+    res = {"meta": meta, "ceilings": ceilings, "prefill": prefill_res, "decode": decode_res}
+    res["floors"] = check_floors(res)
+    table = render_table(res)
+    print("\n" + table, flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "generate.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / "generate.txt").write_text(table + "\n")
+    plot(res, args.out / "generate.png")
+    log(f"wrote {args.out / 'generate.json'}, generate.txt and generate.png")
+    return 1 if any(s == "FAIL" for *_, s in res["floors"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
