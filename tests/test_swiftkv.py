@@ -1,0 +1,182 @@
+"""SwiftKV: our prefill-skipping path against an independent PyTorch reference; checkpoint format;
+initialisation rules; bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import swiftkv_jax as sk
+from swiftkv_jax.config import ConfigError
+from swiftkv_jax.weights import WeightsError
+from conftest import make_hf_llama, prompts, rel_err
+from swiftkv_reference import SwiftKVReference
+
+N = 6  # layers of the tiny model: L = 2 leaves 4 upper layers, so g = 1, 2 and 4 all fit
+
+
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda g: f"g{g}")
+def swiftkv_pair(request, tmp_path_factory):
+    """(our params, torch reference) for a tiny GQA model with L = 2 and group size g."""
+    g = request.param
+    folder = tmp_path_factory.mktemp(f"swiftkv_g{g}")
+    base = make_hf_llama(folder / "base", num_hidden_layers=N, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=(g == 2))
+    ref = SwiftKVReference(base, num_key_value_layers=2, group_size=g, seed=g)
+    ref.save_llama_swiftkv(folder / "swiftkv", with_original_qkv=(g != 4))
+    params, _ = sk.load(folder / "swiftkv", progress=False)
+    return params, ref
+
+
+def test_config_read_from_llama_swiftkv(swiftkv_pair):
+    params, ref = swiftkv_pair
+    cfg = params.config
+    assert cfg.swiftkv and cfg.num_key_value_layers == 2 and cfg.key_value_group_size == ref.g
+    assert cfg.num_cache_layers == 2 + 4 // ref.g
+
+
+def test_prefill_last_token_logits_match_reference(swiftkv_pair):
+    params, ref = swiftkv_pair
+    batch = prompts(params.config.vocab_size, [23, 7, 40], seed=1)
+    cache = sk.init_cache(params, 3, 64)
+    tokens = np.zeros((3, 40), np.int32)
+    for i, p in enumerate(batch):
+        tokens[i, :len(p)] = p
+    logits, cache = sk.forward(params, cache, jnp.asarray(tokens), jnp.asarray([23, 7, 40]))
+    for i, p in enumerate(batch):
+        assert rel_err(logits[i], ref(torch.tensor([p]))[0, -1].numpy()) <= 1e-4
+
+
+def test_all_positions_match_reference_without_cache(swiftkv_pair):
+    params, ref = swiftkv_pair
+    ids = prompts(params.config.vocab_size, [30], seed=2)
+    ours, _ = sk.forward(params, None, jnp.asarray(ids), all_logits=True)
+    assert rel_err(ours, ref(torch.tensor(ids)).numpy()) <= 1e-4
+
+
+def test_greedy_continuation_matches_reference(swiftkv_pair):
+    """Prefill skips layers >= L; every decode step runs all layers with its own upper K/V."""
+    params, ref = swiftkv_pair
+    batch = prompts(params.config.vocab_size, [5, 19, 12], seed=3)
+    ours, _ = sk.generate(params, None, batch, max_new_tokens=24, stop_ids=[])
+    assert ours == [ref.greedy(p, 24) for p in batch]
+
+
+def test_cache_has_swiftkv_slots_and_bytes(swiftkv_pair):
+    params, ref = swiftkv_pair
+    cache = sk.init_cache(params, 2, 32)
+    base_cache = sk.init_cache(sk.init_params(params.config.replace(num_key_value_layers=N,
+                                                                    key_value_group_size=1),
+                                              jax.random.PRNGKey(0)), 2, 32)
+    assert len(cache.k) == 2 + (N - 2) // ref.g
+    assert cache.bytes_per_token() * N == base_cache.bytes_per_token() * (2 + (N - 2) // ref.g)
+
+
+def test_export_then_import_is_bit_identical_with_exact_names(swiftkv_pair, tmp_path):
+    params, ref = swiftkv_pair
+    sk.save_hf_folder(params, tmp_path / "out")
+    again, _ = sk.load(tmp_path / "out", progress=False)
+    assert again.config == params.config
+    for a, b in zip(jax.tree.leaves(params.weights), jax.tree.leaves(again.weights)):
+        assert np.array_equal(a, b)
+    names = set(load_file(tmp_path / "out" / "model.safetensors"))
+    L, g = 2, ref.g
+    expected_swift = {"model.norm_swiftkv.weight"} | {
+        f"model.layers.{l}.self_attn.q_proj_swiftkv.weight" for l in range(L, N)} | {
+        f"model.layers.{l}.self_attn.{p}_swiftkv.weight" for l in range(L, N, g) for p in ("k_proj", "v_proj")}
+    assert {n for n in names if "swiftkv" in n} == expected_swift
+    has_qkv = g != 4  # the g=4 checkpoint was written without the upper layers' original q/k/v
+    assert ("model.layers.5.self_attn.k_proj.weight" in names) == has_qkv
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "llama_swiftkv" and cfg["architectures"] == ["LlamaSwiftKVForCausalLM"]
+    assert (cfg["num_key_value_layers"], cfg["key_value_group_size"], cfg["swiftkv"]) == (L, g, True)
+
+
+def test_num_key_value_layers_equal_n_is_the_plain_model(gqa_model):
+    folder, _ = gqa_model
+    params, _ = sk.load(folder, progress=False)
+    same = sk.to_swiftkv(params, params.config.num_layers)
+    assert not same.config.swiftkv and "swiftkv" not in same.weights
+    ids = jnp.asarray(prompts(params.config.vocab_size, [17], seed=4))
+    a, _ = sk.forward(params, None, ids, all_logits=True)
+    b, _ = sk.forward(same, None, ids, all_logits=True)
+    assert np.array_equal(a, b)
+
+
+def test_initialisation_rules_on_the_tensors(gqa_model):
+    folder, _ = gqa_model
+    base, _ = sk.load(folder, progress=False)
+    n = base.config.num_layers
+    sw = sk.to_swiftkv(base, n - 1, 1)
+    top, w = base.weights["layers"][n - 1], sw.weights
+    assert np.array_equal(w["layers"][n - 1]["q_proj_swiftkv"], top["q_proj"])
+    assert np.array_equal(w["swiftkv"]["k_proj"][0], top["k_proj"])
+    assert np.array_equal(w["swiftkv"]["v_proj"][0], top["v_proj"])
+    assert np.array_equal(w["swiftkv"]["norm"]["weight"], top["input_layernorm"]["weight"])
+    for a, b in zip(jax.tree.leaves(base.weights["layers"][:n - 1]), jax.tree.leaves(w["layers"][:n - 1])):
+        assert np.array_equal(a, b)
+    # With L = N - 1 the only upper layer's K/V input is norm_swiftkv(h_L) = its own input norm:
+    # the initialised model computes the base model.
+    ids = jnp.asarray(prompts(base.config.vocab_size, [20], seed=5))
+    a, _ = sk.forward(base, None, ids, all_logits=True)
+    b, _ = sk.forward(sw, None, ids, all_logits=True)
+    assert rel_err(b, a) <= 1e-6
+    # The teacher view of SwiftKV params is the base model exactly.
+    c, _ = sk.forward(sw, None, ids, all_logits=True, use_swiftkv=False)
+    assert np.array_equal(a, c)
+
+
+def test_group_initialisation_is_the_mean_of_the_group(gqa_model):
+    folder, _ = gqa_model
+    base, _ = sk.load(folder, progress=False)  # 3 layers: L = 1, g = 2
+    sw = sk.to_swiftkv(base, 1, 2)
+    layers = base.weights["layers"]
+    np.testing.assert_allclose(sw.weights["swiftkv"]["k_proj"][0],
+                               (layers[1]["k_proj"] + layers[2]["k_proj"]) / 2, rtol=1e-6)
+
+
+def test_bad_layers_and_groups_are_refused(gqa_model):
+    folder, _ = gqa_model
+    base, _ = sk.load(folder, progress=False)
+    with pytest.raises(ConfigError, match=r"num_key_value_layers must be in \[1, 3\]"):
+        sk.to_swiftkv(base, 4)
+    with pytest.raises(ConfigError, match="key_value_group_size"):
+        sk.to_swiftkv(base, 1, 3)
+    with pytest.raises(ConfigError, match="already SwiftKV"):
+        sk.to_swiftkv(sk.to_swiftkv(base, 1), 1)
+
+
+@pytest.fixture
+def swiftkv_folder(tmp_path):
+    base = make_hf_llama(tmp_path / "base", num_hidden_layers=4)
+    SwiftKVReference(base, 2, 2).save_llama_swiftkv(tmp_path / "sw")
+    return tmp_path / "sw"
+
+
+def test_missing_swiftkv_tensor_is_named(swiftkv_folder):
+    tensors = load_file(swiftkv_folder / "model.safetensors")
+    del tensors["model.layers.2.self_attn.v_proj_swiftkv.weight"]
+    save_file(tensors, swiftkv_folder / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"model\.layers\.2\.self_attn\.v_proj_swiftkv\.weight.*missing"):
+        sk.load(swiftkv_folder)
+
+
+def test_swiftkv_tensor_with_wrong_shape_is_named(swiftkv_folder):
+    tensors = load_file(swiftkv_folder / "model.safetensors")
+    tensors["model.layers.3.self_attn.q_proj_swiftkv.weight"] = tensors[
+        "model.layers.3.self_attn.q_proj_swiftkv.weight"][:, :-1].copy()
+    save_file(tensors, swiftkv_folder / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"q_proj_swiftkv\.weight.*shape"):
+        sk.load(swiftkv_folder)
+
+
+def test_inconsistent_layers_in_swiftkv_config(swiftkv_folder):
+    cfg = json.loads((swiftkv_folder / "config.json").read_text())
+    cfg["key_value_group_size"] = 3
+    (swiftkv_folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="key_value_group_size"):
+        sk.load(swiftkv_folder)
