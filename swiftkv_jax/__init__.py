@@ -5,11 +5,11 @@ from .config import ConfigError, ModelConfig
 from .generate import GenerateError, generate
 from .model import forward, init_params
 from .params import Params
-from .swiftkv import to_swiftkv
+from .swiftkv import swiftkv_off, to_swiftkv
 
 __all__ = [
     "ConfigError", "GenerateError", "KVCache", "ModelConfig", "Params", "forward", "generate",
-    "init_cache", "init_params", "to_swiftkv",
+    "init_cache", "init_params", "swiftkv_off", "to_swiftkv",
 ]
 
 from .loading import default_model_path, load  # noqa: E402

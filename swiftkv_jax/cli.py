@@ -53,11 +53,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out, cache = sk.generate(params, cache, ids, max_new_tokens=args.max_new_tokens,
                              timings=timings, **options)
     print(tokenizer.decode(out, skip_special_tokens=True).strip())
+    if args.compare_swiftkv_off:
+        _print_prefill_saving(params, ids)
     decode_tps = max(len(out) - 1, 0) / timings["decode_s"] if timings["decode_s"] > 0 else 0.0
     print(f"[{len(ids)} prompt tokens, {len(out)} new | first token {timings['prefill_s'] * 1e3:.0f} ms"
           f" | decode {decode_tps:.1f} tokens/s | warm-up and compilation {compile_s:.1f} s]",
           file=sys.stderr)
     return 0
+
+
+def _print_prefill_saving(params: Any, ids: list[int], repeats: int = 3) -> None:
+    """Times prefill of `ids` with SwiftKV on and off (the base model in the same weights)."""
+    import swiftkv_jax as sk
+
+    if not params.config.swiftkv:
+        print("[--compare-swiftkv-off: this model is a plain Llama; nothing to compare]", file=sys.stderr)
+        return
+    best = {}
+    for name, p in (("on", params), ("off", sk.swiftkv_off(params))):
+        cache = sk.init_cache(p, 1, len(ids) + 1)
+        times = []
+        for _ in range(repeats + 1):  # the first run compiles
+            t: dict[str, float] = {}
+            _, cache = sk.generate(p, cache, ids, max_new_tokens=1, timings=t)
+            times.append(t["prefill_s"])
+        best[name] = min(times[1:])
+    cfg = params.config
+    print(f"[prefill of {len(ids)} tokens: SwiftKV on {best['on'] * 1e3:.1f} ms, off "
+          f"{best['off'] * 1e3:.1f} ms: {best['off'] / best['on']:.2f}x faster, "
+          f"{100 * (1 - best['on'] / best['off']):.0f}% saved (L={cfg.num_key_value_layers} of "
+          f"{cfg.num_layers}, g={cfg.key_value_group_size})]", file=sys.stderr)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -96,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
     gen.add_argument("--dtype", choices=DTYPES, default="auto",
                      help="auto: float32 on CPU, bfloat16 on GPU/TPU")
+    gen.add_argument("--compare-swiftkv-off", action="store_true",
+                     help="for a SwiftKV model: also time prefill with SwiftKV off, show the saving")
     gen.set_defaults(func=cmd_generate)
 
     conv = sub.add_parser("convert", help="HF folder or GGUF -> our checkpoint (or a HF folder)")

@@ -39,3 +39,25 @@ def to_swiftkv(params: Params, num_key_value_layers: int, group_size: int = 1) -
         "v_proj": group_mean("v_proj"),
     }
     return Params(weights, new_cfg)
+
+
+def swiftkv_off(params: Params) -> Params:
+    """The base Llama inside SwiftKV params (L = N, the upper layers' own q/k/v_proj).
+
+    This is the distillation teacher and the "SwiftKV off" side of comparisons. Snowflake's
+    checkpoints usually keep the original q/k/v; when they do not, there is no base model to run.
+    """
+    cfg = params.config
+    if not cfg.swiftkv:
+        return params
+    upper = params.weights["layers"][cfg.num_key_value_layers:]
+    missing = [cfg.num_key_value_layers + i for i, layer in enumerate(upper)
+               if not {"q_proj", "k_proj", "v_proj"} <= layer.keys()]
+    if missing:
+        raise ConfigError(f"layers {missing} hold no original q/k/v_proj (only their SwiftKV "
+                          "projections), so this checkpoint cannot run with SwiftKV off")
+    layers = [{k: v for k, v in layer.items() if k != "q_proj_swiftkv"}
+              for layer in params.weights["layers"]]
+    weights = {k: v for k, v in params.weights.items() if k not in ("layers", "swiftkv")}
+    return Params(dict(weights, layers=layers),
+                  cfg.replace(num_key_value_layers=cfg.num_layers, key_value_group_size=1))
