@@ -277,56 +277,86 @@ def logits_from_hidden(params: Params, h: jax.Array) -> jax.Array:
     return jnp.einsum("...d,dv->...v", h, w["lm_head"].astype(h.dtype), preferred_element_type=F32)
 
 
+def _run_layers(params: Params, source: _KVSource, h: jax.Array, q_pos: jax.Array, layers: range,
+                groups: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+    """Runs `layers` on h; with `groups` (SwiftKV K/V [G, B, T, K, h]) as SwiftKV layers.
+
+    Returns the output and the hidden state that entered the model's last layer (or h if the last
+    layer is not among `layers`), which the distillation loss compares.
+    """
+    cfg, w = params.config, params.weights
+    layer = DecoderLayer(cfg, swiftkv=groups is not None)
+    sin_cos = rope_angles(cfg, q_pos)
+    into_last = h
+    for i in layers:
+        if i == cfg.num_layers - 1:
+            into_last = h
+        if groups is None:
+            access = source.access(i)
+        else:
+            g = (i - cfg.num_key_value_layers) // cfg.key_value_group_size
+            access = source.access(cfg.num_key_value_layers + g, (groups[0][g], groups[1][g]))
+        h = layer.apply({"params": w["layers"][i]}, h, q_pos, sin_cos, access)
+    return h, into_last
+
+
 def forward(params: Params, cache: KVCache | None, tokens: jax.Array,
-            num_new: jax.Array | None = None, *, all_logits: bool = False,
-            use_swiftkv: bool = True) -> tuple[jax.Array, KVCache | None]:
+            num_new: jax.Array | None = None, *, all_logits: bool = False
+            ) -> tuple[jax.Array, KVCache | None]:
     """Runs `tokens` [B, T] appended to each row of `cache` (or alone when `cache` is None).
 
     `num_new` [B] counts the real tokens of each row (the rest is padding; default T). Returns
     the logits of every token [B, T, V] if `all_logits`, else of each row's last real token
     [B, V], and the cache with the new tokens' K/V written and lengths advanced.
     For SwiftKV models and `all_logits=False`, layers [L, N) run on the last token only.
-    `use_swiftkv=False` runs a SwiftKV model as its base Llama (the distillation teacher; no cache).
     """
     cfg, w = params.config, params.weights
-    b, t = tokens.shape
+    L, b, t = cfg.num_key_value_layers, *tokens.shape
     num_new = jnp.full((b,), t, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
     offsets = jnp.arange(t, dtype=jnp.int32)
     start = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths
     q_pos = start[:, None] + offsets
-    valid = offsets < num_new[:, None]
-    source = _KVSource(cache, q_pos, valid)
-    sin_cos = rope_angles(cfg, q_pos)
-    L = cfg.num_key_value_layers if use_swiftkv else cfg.num_layers
-    if L < cfg.num_key_value_layers or (not use_swiftkv and cache is not None):
-        raise ValueError("use_swiftkv=False needs cache=None (the cache has SwiftKV's layer slots)")
+    source = _KVSource(cache, q_pos, offsets < num_new[:, None])
 
-    h = w["embed_tokens"][tokens]
-    num_new_up = num_new  # tokens per row still carried in h
-    layer = DecoderLayer(cfg)
-    for i in range(L):
-        h = layer.apply({"params": w["layers"][i]}, h, q_pos, sin_cos, source.access(i))
-
-    if L < cfg.num_layers:
-        group_k, group_v = _swiftkv_kv(params, h, sin_cos)
+    h, _ = _run_layers(params, source, w["embed_tokens"][tokens], q_pos, range(L))
+    carried = num_new  # real tokens per row still carried in h
+    if cfg.swiftkv:
+        groups = _swiftkv_kv(params, h, rope_angles(cfg, q_pos))
         if cache is not None:
-            for group in range(cfg.num_kv_groups):
-                source.write(L + group, group_k[group], group_v[group])
-        up_h, up_pos = h, q_pos
+            for g in range(cfg.num_kv_groups):
+                source.write(L + g, groups[0][g], groups[1][g])
         if not all_logits:  # SwiftKV prefill: only the last token of each row goes higher.
-            up_h, up_pos = _last_token(h, num_new), _last_token(q_pos, num_new)
-            num_new_up = jnp.ones_like(num_new)
-        up_angles = rope_angles(cfg, up_pos)
-        layer = DecoderLayer(cfg, swiftkv=True)
-        for i in range(L, cfg.num_layers):
-            group = (i - L) // cfg.key_value_group_size
-            access = source.access(L + group, (group_k[group], group_v[group]))
-            up_h = layer.apply({"params": w["layers"][i]}, up_h, up_pos, up_angles, access)
-        h = up_h
+            h, q_pos, carried = _last_token(h, num_new), _last_token(q_pos, num_new), jnp.ones_like(num_new)
+        h, _ = _run_layers(params, source, h, q_pos, range(L, cfg.num_layers), groups)
     if not all_logits:
-        h = _last_token(h, num_new_up)[:, 0]
-    logits = logits_from_hidden(params, h)
-    return logits, (None if cache is None else source.updated(num_new))
+        h = _last_token(h, carried)[:, 0]
+    return logits_from_hidden(params, h), (None if cache is None else source.updated(num_new))
+
+
+def lower_hidden(params: Params, tokens: jax.Array) -> jax.Array:
+    """h_L [B, T, D]: the whole sequences through layers [0, L), no cache. Teacher and student share
+    this part (distillation computes it once)."""
+    b, t = tokens.shape
+    q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    source = _KVSource(None, q_pos, q_pos >= 0)
+    h, _ = _run_layers(params, source, params.weights["embed_tokens"][tokens], q_pos,
+                       range(params.config.num_key_value_layers))
+    return h
+
+
+def upper_logits(params: Params, h_l: jax.Array, *, use_swiftkv: bool = True
+                 ) -> tuple[jax.Array, jax.Array]:
+    """From h_L through layers [L, N) for every token, no cache: (logits [B, T, V], the hidden state
+    entering the last layer [B, T, D]). `use_swiftkv=False` runs the base model's own q/k/v_proj
+    there (the distillation teacher; see swiftkv_off for which checkpoints have them)."""
+    cfg = params.config
+    b, t, _ = h_l.shape
+    q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    source = _KVSource(None, q_pos, q_pos >= 0)
+    groups = _swiftkv_kv(params, h_l, rope_angles(cfg, q_pos)) if use_swiftkv and cfg.swiftkv else None
+    h, into_last = _run_layers(params, source, h_l, q_pos,
+                               range(cfg.num_key_value_layers, cfg.num_layers), groups)
+    return logits_from_hidden(params, h), into_last
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype: Any = F32) -> Params:

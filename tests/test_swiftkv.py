@@ -12,8 +12,9 @@ from safetensors.numpy import load_file, save_file
 
 import swiftkv_jax as sk
 from swiftkv_jax.config import ConfigError
+from swiftkv_jax.model import lower_hidden, upper_logits
 from swiftkv_jax.weights import WeightsError
-from conftest import make_hf_llama, prompts, rel_err
+from conftest import hf_logits, make_hf_llama, prompts, rel_err
 from swiftkv_reference import SwiftKVReference
 
 N = 6  # layers of the tiny model: L = 2 leaves 4 upper layers, so g = 1, 2 and 4 all fit
@@ -126,8 +127,10 @@ def test_initialisation_rules_on_the_tensors(gqa_model):
     b, _ = sk.forward(sw, None, ids, all_logits=True)
     assert rel_err(b, a) <= 1e-6
     # The teacher view of SwiftKV params is the base model exactly.
-    c, _ = sk.forward(sw, None, ids, all_logits=True, use_swiftkv=False)
+    c, _ = upper_logits(sw, lower_hidden(sw, ids), use_swiftkv=False)
     assert np.array_equal(a, c)
+    d, _ = sk.forward(sk.swiftkv_off(sw), None, ids, all_logits=True)
+    assert np.array_equal(a, d)
 
 
 def test_group_initialisation_is_the_mean_of_the_group(gqa_model):
@@ -180,3 +183,16 @@ def test_inconsistent_layers_in_swiftkv_config(swiftkv_folder):
     (swiftkv_folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="key_value_group_size"):
         sk.load(swiftkv_folder)
+
+
+def test_teacher_and_student_from_shared_lower_layers(swiftkv_pair):
+    """Distillation's split: layers [0, L) once, then the upper layers as student and as teacher."""
+    params, ref = swiftkv_pair
+    ids = jnp.asarray(prompts(params.config.vocab_size, [21], seed=9))
+    h_l = lower_hidden(params, ids)
+    student, into_last = upper_logits(params, h_l)
+    assert rel_err(student, ref(torch.tensor(np.asarray(ids))).numpy()) <= 1e-4
+    assert into_last.shape == h_l.shape
+    if ref.g != 4:  # that checkpoint has no original q/k/v for the upper layers
+        teacher, _ = upper_logits(params, h_l, use_swiftkv=False)
+        assert rel_err(teacher, hf_logits(ref.base, np.asarray(ids).tolist())) <= 1e-4
