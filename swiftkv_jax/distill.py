@@ -1,0 +1,297 @@
+"""Knowledge-preserving distillation of a Llama into a SwiftKV Llama (SWIFTKV.md's recipe).
+
+Teacher = the params with SwiftKV off, student = SwiftKV on: one set of weights. Only the SwiftKV
+weights train; they live in a small separate pytree that the loss merges into the frozen params,
+so the frozen weights get no gradient and no optimizer state. Layers [0, L) are identical for
+both models, so h_L is computed once, without gradient, and shared.
+The loop is resumable: the train state is saved with an orbax CheckpointManager, and the batch
+of step s is a function of s alone, so a resumed run ends with the same params as a straight one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .data import Packed
+from .model import lower_hidden, upper_logits
+from .params import Params
+
+Trainable = dict[str, Any]
+TrainState = dict[str, Any]  # {"step": int32 [], "trainable": Trainable, "opt_state": ...}
+
+
+class RunError(ValueError):
+    """The output folder holds something this run must not overwrite or cannot resume."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Hyperparameters; the defaults are the recipe of SWIFTKV.md (batch shape aside)."""
+
+    learning_rate: float = 2e-4
+    warmup_fraction: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    temperature: float = 2.0
+    mse_weight: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 512
+    epochs: float = 1.0
+    max_steps: int | None = None
+    seed: int = 0
+
+    def num_steps(self, num_rows: int) -> int:
+        """Optimizer steps: `max_steps`, else `epochs` passes over `num_rows` packed rows."""
+        if self.max_steps is not None:
+            return int(self.max_steps)
+        return max(1, int(self.epochs * num_rows) // (self.batch_size * self.grad_accum))
+
+
+# --- trainable / frozen ----------------------------------------------------------------------
+
+def trainable_of(params: Params) -> Trainable:
+    """The SwiftKV weights: norm_swiftkv, every q_proj_swiftkv, the group leaders' k/v_proj."""
+    cfg = params.config
+    if not cfg.swiftkv:
+        raise ValueError("these params are a plain Llama (L = N): convert them with to_swiftkv first")
+    sw = params.weights["swiftkv"]
+    return {"norm": sw["norm"]["weight"],
+            "q_proj": [layer["q_proj_swiftkv"] for layer in params.weights["layers"][cfg.num_key_value_layers:]],
+            "k_proj": sw["k_proj"], "v_proj": sw["v_proj"]}
+
+
+def merge(trainable: Trainable, params: Params) -> Params:
+    """`params` with its SwiftKV weights replaced by `trainable` (other leaves shared, not copied)."""
+    L = params.config.num_key_value_layers
+    w = params.weights
+    layers = list(w["layers"][:L]) + [dict(layer, q_proj_swiftkv=q)
+                                      for layer, q in zip(w["layers"][L:], trainable["q_proj"])]
+    swiftkv = {"norm": {"weight": trainable["norm"]}, "k_proj": trainable["k_proj"],
+               "v_proj": trainable["v_proj"]}
+    return Params(dict(w, layers=layers, swiftkv=swiftkv), params.config)
+
+
+# --- loss ------------------------------------------------------------------------------------
+
+def loss_sums(trainable: Trainable, params: Params, batch: dict[str, jax.Array], temperature: float
+              ) -> tuple[jax.Array, jax.Array]:
+    """(sum of tau^2 KL(teacher/tau || student/tau), sum of per-position hidden MSE) over the
+    supervised positions of `batch`; the teacher and layers [0, L) carry no gradient."""
+    h_l = jax.lax.stop_gradient(lower_hidden(params, batch["tokens"]))
+    t_logits, t_last = jax.lax.stop_gradient(upper_logits(params, h_l, use_swiftkv=False))
+    s_logits, s_last = upper_logits(merge(trainable, params), h_l, use_swiftkv=True)
+    t_logp = jax.nn.log_softmax(t_logits / temperature, axis=-1)
+    s_logp = jax.nn.log_softmax(s_logits / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
+    diff = (s_last - t_last).astype(jnp.float32)
+    mse = jnp.mean(diff * diff, axis=-1)
+    w = batch["weights"]
+    return temperature**2 * jnp.sum(kl * w), jnp.sum(mse * w)
+
+
+def distill_loss(trainable: Trainable, params: Params, batch: dict[str, jax.Array],
+                 config: DistillConfig, count: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, {kl, mse}): both terms are averaged over `count` supervised positions (default:
+    those of `batch`), so micro-batches of one accumulated step add up to the step's mean."""
+    count = jnp.maximum(batch["weights"].sum() if count is None else count, 1.0)
+    kl, mse = loss_sums(trainable, params, batch, config.temperature)
+    kl, mse = kl / count, mse / count
+    return kl + config.mse_weight * mse, {"kl": kl, "mse": mse}
+
+
+# --- optimizer and step ----------------------------------------------------------------------
+
+def make_schedule(config: DistillConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up over `warmup_fraction` of the steps, then linear decay to zero."""
+    warmup = max(1, round(config.warmup_fraction * total_steps))
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, config.learning_rate, warmup),
+         optax.linear_schedule(config.learning_rate, 0.0, max(1, total_steps - warmup))], [warmup])
+
+
+def make_optimizer(config: DistillConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then Adam(W) on the schedule (weight decay 0 = Adam)."""
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                       optax.adamw(make_schedule(config, total_steps), b1=config.b1, b2=config.b2,
+                                   weight_decay=config.weight_decay))
+
+
+def init_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step 0: the SwiftKV weights of `params` and optimizer state for them only."""
+    trainable = jax.tree.map(jnp.array, trainable_of(params))  # own buffers: the step donates them
+    return {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
+            "opt_state": optimizer.init(trainable)}
+
+
+def make_train_step(config: DistillConfig, optimizer: optax.GradientTransformation
+                    ) -> Callable[[TrainState, Params, dict[str, jax.Array]], tuple[TrainState, dict]]:
+    """One jitted optimizer step over a batch [accum, B, T] (gradients summed over the micro-
+    batches with lax.scan); the train state is donated, so it is updated in place."""
+
+    def step(state: TrainState, params: Params, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+        count = batch["weights"].sum()
+        grad_fn = jax.value_and_grad(distill_loss, has_aux=True)
+
+        def micro(carry, mb):
+            (loss, aux), grads = grad_fn(state["trainable"], params, mb, config, count)
+            acc = jax.tree.map(jnp.add, carry, (grads, loss, aux))
+            return acc, None
+
+        zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
+        init = (zeros, jnp.zeros(()), {"kl": jnp.zeros(()), "mse": jnp.zeros(())})
+        (grads, loss, aux), _ = jax.lax.scan(micro, init, batch)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+        return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def batch_indices(step: int, num_rows: int, config: DistillConfig) -> np.ndarray:
+    """Rows [accum, B] of optimizer step `step`: epoch e visits the rows in a permutation seeded
+    by (seed, e), so the data order depends on the step alone (resumable)."""
+    per_step = config.grad_accum * config.batch_size
+    k = step * per_step + np.arange(per_step)
+    epochs, offsets = np.divmod(k, num_rows)
+    perms = {e: np.random.default_rng([config.seed, int(e)]).permutation(num_rows) for e in set(epochs.tolist())}
+    rows = np.array([perms[int(e)][o] for e, o in zip(epochs, offsets)])
+    return rows.reshape(config.grad_accum, config.batch_size)
+
+
+# --- the run folder --------------------------------------------------------------------------
+
+RUN_FILE = "run.json"
+
+
+def prepare_run_folder(out: Path, identity: dict[str, Any], resume: bool, overwrite: bool) -> bool:
+    """Makes `out` ready; returns True when an earlier run should be resumed.
+
+    A folder that holds another run (or anything else) is refused unless `overwrite`; one holding
+    this same run is refused unless `resume` or `overwrite`.
+    """
+    run_file = out / RUN_FILE
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif not run_file.exists():
+            raise RunError(f"{out} is not empty and holds no distillation run; choose another --out "
+                           "or pass --overwrite to delete its contents")
+        else:
+            old = json.loads(run_file.read_text())
+            changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+            if changed:
+                raise RunError(f"{out} holds a different run (differs in: {', '.join(changed)}); "
+                               "choose another --out or pass --overwrite to replace it")
+            if not resume:
+                raise RunError(f"{out} already holds this run; pass --resume to continue it or "
+                               "--overwrite to start again")
+            return True
+    out.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps(identity, indent=1, sort_keys=True))
+    return False
+
+
+def _checkpoint_manager(folder: Path, save_every: int, keep: int) -> Any:
+    import orbax.checkpoint as ocp
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
+                                           enable_async_checkpointing=False, create=True)
+    return ocp.CheckpointManager(folder.absolute(), options=options)
+
+
+def _log_lines(path: Path, upto: int) -> list[str]:
+    """Metric lines of an earlier session up to step `upto` (later ones are redone on resume)."""
+    if not path.exists():
+        return []
+    return [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= upto]
+
+
+@dataclasses.dataclass
+class RunResult:
+    """The distilled params and what the run measured."""
+
+    params: Params
+    steps: int
+    tokens_seen: int
+    tokens_per_s: float
+    resumed_from: int
+
+
+def distill(params: Params, data: Packed, config: DistillConfig, out: str | Path, *,
+            identity: dict[str, Any] | None = None, resume: bool = False, overwrite: bool = False,
+            save_every: int = 100, keep: int = 2, stop_after: int | None = None,
+            progress: bool = True) -> RunResult:
+    """Trains the SwiftKV weights of `params` on `data` per `config`, saving into `out`.
+
+    `out` gets run.json (the run's identity), checkpoints/ (orbax, every `save_every` steps and
+    at the end, the last `keep`), metrics.jsonl and loss.png. `stop_after` ends the session
+    after that many steps (as if interrupted); `resume` continues from the last checkpoint.
+    """
+    from tqdm.auto import tqdm
+
+    from .plots import plot_metrics
+
+    out = Path(out)
+    total = config.num_steps(data.num_rows)
+    identity = dict(identity or {}, config=dataclasses.asdict(config), total_steps=total,
+                    rows=data.num_rows, data_sum=int(data.tokens.sum()))
+    resuming = prepare_run_folder(out, identity, resume, overwrite)
+    optimizer = make_optimizer(config, total)
+    state = init_state(params, optimizer)
+    manager = _checkpoint_manager(out / "checkpoints", save_every, keep)
+    start = 0
+    if resuming and manager.latest_step() is not None:
+        import orbax.checkpoint as ocp
+        start = int(manager.latest_step())
+        state = manager.restore(start, args=ocp.args.StandardRestore(state))
+    log_path = out / "metrics.jsonl"
+    lines = _log_lines(log_path, start)
+    log_path.write_text("".join(ln + "\n" for ln in lines))
+    tokens_per_step = config.grad_accum * config.batch_size * config.seq_len
+    step_fn = make_train_step(config, optimizer)
+    schedule = make_schedule(config, total)
+    end = total if stop_after is None else min(total, start + stop_after)
+    bar = tqdm(total=total, initial=start, desc="distill", unit="step", disable=not progress)
+    timed_s, timed_steps = 0.0, 0
+    with log_path.open("a") as log:
+        for s in range(start, end):
+            t0 = time.perf_counter()
+            batch = jax.tree.map(jnp.asarray, data.rows(batch_indices(s, data.num_rows, config)))
+            state, metrics = step_fn(state, params, batch)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            dt = time.perf_counter() - t0
+            if s > start:  # the first step of a session compiles
+                timed_s, timed_steps = timed_s + dt, timed_steps + 1
+            tps = tokens_per_step * timed_steps / timed_s if timed_s else 0.0
+            record = dict(step=s + 1, lr=float(schedule(s)), tokens=(s + 1) * tokens_per_step,
+                          tokens_per_s=round(tps, 1), **metrics)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", kl=f"{metrics['kl']:.4f}", tok_s=f"{tps:.0f}")
+            bar.update(1)
+            manager.save(s + 1, args=_save_args(state), force=(s + 1 == total))
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    plot_metrics(log_path, out / "loss.png")
+    return RunResult(params=merge(state["trainable"], params), steps=end, tokens_seen=end * tokens_per_step,
+                     tokens_per_s=tokens_per_step * timed_steps / timed_s if timed_s else 0.0,
+                     resumed_from=start)
+
+
+def _save_args(state: TrainState) -> Any:
+    import orbax.checkpoint as ocp
+    return ocp.args.StandardSave(state)

@@ -1,0 +1,32 @@
+"""The loss curve of a distillation run, drawn from its metrics.jsonl with matplotlib."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
+    """Writes a PNG of loss, KL and MSE per step (log scale) and the learning rate."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+    if not records:
+        return
+    steps = [r["step"] for r in records]
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
+    for key in ("loss", "kl", "mse"):
+        ax.plot(steps, [r[key] for r in records], label=key, linewidth=1)
+    ax.set_yscale("log")
+    ax.set_ylabel("train loss (per supervised token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax_lr.plot(steps, [r["lr"] for r in records], color="gray")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
