@@ -175,6 +175,12 @@ def prefill_flops(cfg: sk.ModelConfig, length: int) -> float:
 
 # ----------------------------------------------------------------------------- ours
 
+def emptied(cache: sk.KVCache) -> sk.KVCache:
+    """The cache with every row's length 0, so the next prefill starts each row at position 0
+    (done here rather than relying on whether `prefill` itself resets or appends)."""
+    return dataclasses.replace(cache, lengths=jnp.zeros_like(cache.lengths))
+
+
 def ours_prefill(params: sk.Params, length: int, new_tokens: int, repeats: int) -> Timing:
     """Times our jitted prefill of a [1, length] prompt into a cache sized for generation."""
     tokens = jnp.asarray(random_prompts(params.config.vocab_size, 1, length))
@@ -187,6 +193,8 @@ def ours_prefill(params: sk.Params, length: int, new_tokens: int, repeats: int) 
 
     def run() -> float:
         nonlocal cache
+        cache = emptied(cache)
+        cache.lengths.block_until_ready()
         start = time.perf_counter()
         logits, cache = prefill(params, cache, tokens, num_new)
         logits.block_until_ready()
@@ -220,7 +228,7 @@ def ours_decode(params: sk.Params, batch: int, new_tokens: int, repeats: int) ->
 
     def run() -> float:
         nonlocal cache, row0
-        logits, cache = prefill(params, cache, tokens, num_new)
+        logits, cache = prefill(params, emptied(cache), tokens, num_new)
         logits.block_until_ready()
         start = time.perf_counter()
         out, counts, cache = decode(params, cache, logits, *args)
@@ -238,11 +246,11 @@ def ours_decode(params: sk.Params, batch: int, new_tokens: int, repeats: int) ->
 
 # ----------------------------------------------------------------------------- Hugging Face
 
-def load_hf(dtype_name: str) -> Any:
-    """HF LlamaForCausalLM from the same GGUF file (dequantized), eval mode, all CPU threads."""
+def load_hf(dtype_name: str, threads: int) -> Any:
+    """HF LlamaForCausalLM from the same GGUF file (dequantized), eval mode, `threads` threads."""
     import torch
     from transformers import AutoModelForCausalLM
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     path = sk.default_model_path()
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype_name))
@@ -337,7 +345,8 @@ def render_table(res: dict[str, Any]) -> str:
     lines = [
         f"{MODEL_NAME} ({m['num_parameters'] / 1e6:.1f}M params, {m['param_bytes'] / 1e6:.1f} MB "
         f"{m['dtype']}) on {m['cpu_count']} CPU cores; every number is the best of "
-        f"{m['repeats']} runs",
+        f"{m['repeats']} runs" + (f"; HF uses {m['torch_threads']} torch threads"
+                                  if "torch_threads" in m else ""),
         f"ceilings (JAX): matmul {m['dtype']} {c['matmul_n']}^3 {c['matmul_flops'] / 1e9:.1f} "
         f"GFLOP/s | memory read (sum of 1 GiB f32) {c['read_bytes_per_s'] / 1e9:.1f} GB/s | "
         f"batch-1 decode bandwidth limit = read / param bytes = "
@@ -376,10 +385,13 @@ def render_table(res: dict[str, Any]) -> str:
     if agree:
         lines.append("same model check, greedy tokens of row 0 equal to HF's (leading run): "
                      + ", ".join(agree))
-    if m.get("other_cpu_share") is not None:
-        lines.append(f"other processes used {100 * m['other_cpu_share']:.0f}% of the machine's "
-                     "CPU during the run" + (" -- numbers are likely depressed and noisy"
-                                              if m["other_cpu_share"] > 0.1 else ""))
+    shares = {k: v for k, v in m.get("other_cpu_share_by_phase", {}).items() if v is not None}
+    if shares:
+        busy = max(shares.values()) > 0.1
+        lines.append("other processes' share of the machine's CPU: " + ", ".join(
+            f"{k} {100 * v:.0f}%" for k, v in shares.items())
+            + (" -- BUSY MACHINE: numbers are depressed and noisy (HF's OpenMP threads suffer "
+               "most); rerun when idle" if busy else " (quiet machine)"))
     lines += ["", "floors:"] + [f"  {s:4s}  {name}: {val}" for name, val, s in res["floors"]]
     return "\n".join(lines)
 
@@ -439,6 +451,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs per measurement after one warm-up; the best is reported")
     p.add_argument("--skip-hf", action="store_true", help="measure ours and the ceilings only")
+    p.add_argument("--hf-threads", type=int, default=os.cpu_count() or 1,
+                   help="torch intra-op threads for HF (default: all cores). PyTorch's OpenMP "
+                        "threads slow down by 10-50x when other processes share the cores; "
+                        "fewer threads than cores is more robust on a busy machine")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
@@ -450,6 +466,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     jax.config.update("jax_enable_compilation_cache", False)
+    contention: dict[str, float | None] = {}  # phase -> share of CPU other processes used
     cpu = CpuShare()
     cpu.start()
 
@@ -468,12 +485,16 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     log("machine ceilings: matmul and memory read")
+    phase = CpuShare()
+    phase.start()
     n = 4096
     flops = matmul_flops(jnp.dtype(args.dtype), n)
     read = read_bandwidth()
     ceilings = {"matmul_n": n, "matmul_flops": flops, "read_bytes_per_s": read,
                 "decode_bandwidth_limit_tok_s": read / params.nbytes()}
     log(f"  matmul {flops / 1e9:.1f} GFLOP/s, read {read / 1e9:.1f} GB/s")
+    contention["ceilings"] = phase.others()
+    phase.start()
 
     prefill_res: dict[str, dict[str, Any]] = {}
     for length in args.lengths:
@@ -498,14 +519,16 @@ def main(argv: list[str] | None = None) -> int:
         decode_res[str(batch)] = entry
         log(f"  {d.tokens_per_s:.1f} tok/s, compile {d.timing.compile:.1f} s")
     del params
+    contention["ours"] = phase.others()
 
     if not args.skip_hf:
         import torch
         import transformers
         meta.update(torch=torch.__version__, transformers=transformers.__version__)
         log(f"loading {MODEL_NAME} (HF transformers, {args.dtype})")
-        hf = load_hf(args.dtype)
+        hf = load_hf(args.dtype, args.hf_threads)
         meta["torch_threads"] = torch.get_num_threads()
+        phase.start()
         for length in args.lengths:
             log(f"HF: prefill {length} tokens")
             t = hf_prefill(hf, random_prompts(cfg.vocab_size, 1, length), args.repeats)
@@ -527,8 +550,10 @@ def main(argv: list[str] | None = None) -> int:
                     d.tokens_per_s / ceilings["decode_bandwidth_limit_tok_s"])
             log(f"  {d.tokens_per_s:.1f} tok/s; row 0's greedy tokens agree with ours for the "
                 f"first {entry['greedy_agree']} of {args.new_tokens}")
+        contention["hf"] = phase.others()
 
     meta["other_cpu_share"] = cpu.others()
+    meta["other_cpu_share_by_phase"] = contention
     res = {"meta": meta, "ceilings": ceilings, "prefill": prefill_res, "decode": decode_res}
     res["floors"] = check_floors(res)
     table = render_table(res)

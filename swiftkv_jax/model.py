@@ -11,6 +11,7 @@ decode 21 -> 29 tokens/s. The cache pool is read per layer and written once, in 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -245,9 +246,8 @@ class _KVSource:
         return kv
 
     def updated(self, num_new: jax.Array) -> KVCache:
-        c = self.cache
-        return KVCache(k=self.k, v=self.v, block_table=c.block_table,
-                       lengths=jnp.minimum(c.lengths + num_new, c.max_length), block_size=c.block_size)
+        return dataclasses.replace(self.cache, k=self.k, v=self.v,
+                                   lengths=jnp.minimum(self.cache.lengths + num_new, self.cache.max_length))
 
 
 def _swiftkv_kv(params: Params, h_l: jax.Array, sin_cos: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:

@@ -83,7 +83,7 @@ def test_new_length_in_bucket_and_new_sampling_values_do_not_recompile(params):
         _, cache = sk.generate(params, cache, [[1] * lengths[0], [2] * lengths[1]], **kw)
     assert (prefill._cache_size(), decode._cache_size()) == before
     assert prefill_bucket(7, 64) == prefill_bucket(16, 64) == 16
-    _, cache = sk.generate(params, cache, [[1] * 17, [2]], max_new_tokens=4)  # next bucket: compiles
+    _, cache = sk.generate(params, cache, [[3] * 17, [4]], max_new_tokens=4)  # next bucket: compiles
     assert prefill._cache_size() == before[0] + 1
 
 

@@ -1,0 +1,246 @@
+"""Prefix index over the KV block pool: prompts that begin like earlier ones reuse their blocks.
+
+Everything lives on device, in the cache pytree, and every operation is a jitted function over
+fixed-size arrays (no host-side hash map):
+  * a full block is identified by a chain hash of (parent hash, its tokens, the weights'
+    namespace); a hit also checks the stored tokens, the parent block and the namespace, so a hash
+    collision can cost a miss but never a wrong answer;
+  * blocks carry ref counts (rows using them in the current request) and a last-used clock;
+  * allocation takes free blocks first, then evicts the least recently used unreferenced cached
+    block, the tail of a chain before its head.
+`generate` calls admit() before prefill and register() after decode; users call stats/clear.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+U32 = jnp.uint32
+NO_PARENT = -1
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PrefixIndex:
+    """Per-block metadata of the pool ([num_blocks] unless noted) plus counters.
+
+    `hash_mask` narrows hashes (tests force collisions with a tiny range).
+    """
+
+    block_hash: jax.Array  # uint32
+    block_tokens: jax.Array  # [num_blocks, block_size] int32, the tokens a cached block holds
+    block_parent: jax.Array  # int32 block id of the previous block of the chain, -1 for a root
+    block_parent_gen: jax.Array  # int32 generation of that parent when this block was registered
+    block_gen: jax.Array  # int32, +1 each time the block is handed out anew: a recycled parent
+                          # id never matches a child registered under its earlier content
+    block_depth: jax.Array  # int32 position of the block in its chain
+    block_namespace: jax.Array  # uint32 namespace of the weights that computed the block
+    registered: jax.Array  # bool: holds verified, reusable KV
+    ref_count: jax.Array  # int32: rows of the current request using the block
+    last_used: jax.Array  # int32 clock value of the last request that used the block
+    clock: jax.Array  # [] int32, +1 per request
+    counters: jax.Array  # [3] int32: query tokens, hit tokens, evictions
+    hash_mask: int = dataclasses.field(default=0xFFFFFFFF, metadata=dict(static=True))
+
+
+def empty_index(num_blocks: int, block_size: int, hash_mask: int = 0xFFFFFFFF) -> PrefixIndex:
+    zeros = lambda dtype=jnp.int32: jnp.zeros((num_blocks,), dtype)
+    return PrefixIndex(block_hash=zeros(U32), block_tokens=jnp.zeros((num_blocks, block_size), jnp.int32),
+                       block_parent=zeros(), block_parent_gen=zeros(), block_gen=zeros(),
+                       block_depth=zeros(), block_namespace=zeros(U32),
+                       registered=zeros(jnp.bool_), ref_count=zeros(), last_used=zeros(),
+                       clock=jnp.int32(0), counters=jnp.zeros((3,), jnp.int32), hash_mask=hash_mask)
+
+
+def _mix(h: jax.Array, x: jax.Array) -> jax.Array:
+    """One step of a 32-bit multiplicative hash (murmur3-style finaliser on h ^ x)."""
+    h = (h ^ x.astype(U32)) * U32(0x9E3779B1)
+    h = h ^ (h >> 15)
+    h = h * U32(0x85EBCA77)
+    return h ^ (h >> 13)
+
+
+def chain_hashes(tokens: jax.Array, block_size: int, namespace: jax.Array, mask: int) -> jax.Array:
+    """[blocks] hashes of the full blocks of one row of tokens, each chained on its parent's."""
+    blocks = tokens.reshape(-1, block_size).astype(U32)
+    # Each token mixed with its offset, summed: all blocks' contents hashed at once.
+    offsets = jnp.arange(block_size, dtype=U32) * U32(0x9E3779B9)
+    content = jnp.sum(_mix(offsets, blocks), axis=1, dtype=U32)
+
+    def chain(parent, c):
+        h = _mix(parent, c) & U32(mask)
+        return h, h
+
+    _, hashes = jax.lax.scan(chain, _mix(U32(0x811C9DC5), namespace), content)
+    return hashes
+
+
+def weights_namespace(weights) -> jax.Array:
+    """A uint32 fingerprint of the weights from a strided sample of every tensor: new weights
+    (another checkpoint, a training step) give a new namespace, so they never hit old blocks."""
+    h = U32(0x12345678)
+    for leaf in jax.tree.leaves(weights):
+        flat = leaf.reshape(-1)
+        sample = flat[:: max(1, flat.size // 61)][:64].astype(jnp.float32)
+        h = _mix(h, U32(flat.size))
+        h = jax.lax.fori_loop(0, sample.size, lambda i, h: _mix(h, jax.lax.bitcast_convert_type(
+            sample[i], U32)), h)
+    return h
+
+
+def _generation(idx: PrefixIndex, block: jax.Array) -> jax.Array:
+    """Generation of block id `block` (0 for the root's parent, -1)."""
+    return jnp.where(block < 0, 0, idx.block_gen[jnp.maximum(block, 0)])
+
+
+def _matching_block(idx: PrefixIndex, h: jax.Array, parent: jax.Array, block: jax.Array,
+                    namespace: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(found, block id) of a registered block with this hash, parent (id and generation),
+    tokens and namespace."""
+    match = (idx.registered & (idx.block_hash == h) & (idx.block_parent == parent)
+             & (idx.block_parent_gen == _generation(idx, parent))
+             & (idx.block_namespace == namespace) & jnp.all(idx.block_tokens == block, axis=1))
+    return jnp.any(match), jnp.argmax(match).astype(jnp.int32)
+
+
+def lookup(idx: PrefixIndex, tokens: jax.Array, max_blocks: jax.Array, block_size: int,
+           namespace: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Longest verified cached prefix of one row: (number of blocks, their ids [blocks_per_row])."""
+    hashes = chain_hashes(tokens, block_size, namespace, idx.hash_mask)
+    blocks = tokens.reshape(-1, block_size)
+
+    def step(carry, xs):
+        n, prev, alive = carry
+        j, h, block = xs
+        found, bid = _matching_block(idx, h, prev, block, namespace)
+        alive = alive & found & (j < max_blocks)
+        return (n + alive, jnp.where(alive, bid, prev), alive), jnp.where(alive, bid, 0)
+
+    init = (jnp.int32(0), jnp.int32(NO_PARENT), jnp.bool_(True))
+    (n, _, _), ids = jax.lax.scan(step, init, (jnp.arange(hashes.size), hashes, blocks))
+    return n, ids
+
+
+def _eviction_order(idx: PrefixIndex, taken: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(block ids by allocation preference, how many are usable): free blocks first, then cached
+    unreferenced ones, least recently used first and, within a request, the deepest (a chain's
+    tail) first."""
+    usable = (idx.ref_count == 0) & ~taken
+    klass = jnp.where(usable, idx.registered.astype(jnp.int32), 2)
+    order = jnp.lexsort((-idx.block_depth, idx.last_used, klass))
+    return order.astype(jnp.int32), jnp.sum(usable)
+
+
+@jax.jit
+def admit(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, prompt_lengths: jax.Array,
+          blocks_needed: jax.Array, namespace: jax.Array
+          ) -> tuple[PrefixIndex, jax.Array, jax.Array, jax.Array]:
+    """Gives each row its cached prefix blocks and fresh blocks for the rest of its request.
+
+    tokens [B, max_length] (prompts, zero padded), prompt_lengths [B] (0 = unused row),
+    blocks_needed [B] blocks for prompt + new tokens. Returns (index, block_table, cached prompt
+    tokens per row, ok). At least one prompt token per row is left to compute. If the pool cannot
+    hold the request, ok is False and the index and table come back unchanged.
+    """
+    block_size = tokens.shape[1] // block_table.shape[1]
+    per_row = block_table.shape[1]
+    clock = idx.clock + 1
+
+    def row(carry, xs):
+        idx, ok = carry
+        toks, length, needed = xs
+        max_hit = jnp.where(length > 0, (length - 1) // block_size, 0)
+        n_hit, hit_ids = lookup(idx, toks, max_hit, block_size, namespace)
+        j = jnp.arange(per_row)
+        is_hit = j < n_hit
+        taken = jnp.zeros_like(idx.registered).at[hit_ids].max(is_hit)
+        order, usable = _eviction_order(idx, taken)
+        n_new = jnp.maximum(needed - n_hit, 0)
+        ok = ok & (usable >= n_new)
+        new_ids = order[jnp.clip(j - n_hit, 0, order.size - 1)]
+        is_new = (j >= n_hit) & (j < needed)
+        table = jnp.where(is_hit, hit_ids, jnp.where(is_new, new_ids, 0))
+        used = is_hit | is_new
+        drop = idx.ref_count.size  # out-of-range index: masked entries are dropped
+        evicted = jnp.sum(jnp.where(is_new, idx.registered[new_ids], False))
+        idx = dataclasses.replace(
+            idx,
+            ref_count=idx.ref_count.at[jnp.where(used, table, drop)].add(1, mode="drop"),
+            last_used=idx.last_used.at[jnp.where(used, table, drop)].set(clock, mode="drop"),
+            registered=idx.registered.at[jnp.where(is_new, table, drop)].set(False, mode="drop"),
+            block_gen=idx.block_gen.at[jnp.where(is_new, table, drop)].add(1, mode="drop"),
+            counters=idx.counters + jnp.array([length, n_hit * block_size, evicted], jnp.int32))
+        return (idx, ok), (table, n_hit * block_size)
+
+    (new_idx, ok), (table, hit_tokens) = jax.lax.scan(
+        row, (idx, jnp.bool_(True)), (tokens, prompt_lengths, blocks_needed))
+    new_idx = dataclasses.replace(new_idx, clock=clock)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    return keep(new_idx, idx), jnp.where(ok, table, block_table), jnp.where(ok, hit_tokens, 0), ok
+
+
+@jax.jit
+def register(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, lengths: jax.Array,
+             blocks_used: jax.Array, namespace: jax.Array) -> PrefixIndex:
+    """After a request: registers every full block whose KV is written (first writer wins when two
+    rows computed the same block), then releases the rows' references.
+
+    tokens [B, max_length] hold each row's prompt and generated tokens; lengths [B] how many have
+    their KV in the cache; blocks_used [B] how many table entries admit() gave the row.
+    """
+    block_size = tokens.shape[1] // block_table.shape[1]
+
+    def row(idx, xs):
+        toks, table, length, used = xs
+        hashes = chain_hashes(toks, block_size, namespace, idx.hash_mask)
+
+        def block(carry, xs):
+            idx, prev = carry
+            j, h, bid, content = xs
+            full = j < length // block_size
+            found, existing = _matching_block(idx, h, prev, content, namespace)
+            new = full & ~found
+            at = jnp.where(new, bid, idx.registered.size)
+            # A block another row registered first stays the chain's block; touch it so a parent is
+            # never less recent than its children (eviction takes a chain's tail first).
+            touch = jnp.where(full & found, existing, idx.registered.size)
+            idx = dataclasses.replace(
+                idx,
+                last_used=idx.last_used.at[touch].set(idx.clock, mode="drop"),
+                block_hash=idx.block_hash.at[at].set(h, mode="drop"),
+                block_tokens=idx.block_tokens.at[at].set(content, mode="drop"),
+                block_parent=idx.block_parent.at[at].set(prev, mode="drop"),
+                block_parent_gen=idx.block_parent_gen.at[at].set(_generation(idx, prev), mode="drop"),
+                block_depth=idx.block_depth.at[at].set(j, mode="drop"),
+                block_namespace=idx.block_namespace.at[at].set(namespace, mode="drop"),
+                registered=idx.registered.at[at].set(True, mode="drop"))
+            return (idx, jnp.where(found, existing, bid)), None
+
+        xs = (jnp.arange(table.size), hashes, table, toks.reshape(-1, block_size))
+        (idx, _), _ = jax.lax.scan(block, (idx, jnp.int32(NO_PARENT)), xs)
+        release = jnp.where(jnp.arange(table.size) < used, table, idx.ref_count.size)
+        return dataclasses.replace(idx, ref_count=idx.ref_count.at[release].add(-1, mode="drop")), None
+
+    idx, _ = jax.lax.scan(row, idx, (tokens, block_table, lengths, blocks_used))
+    return idx
+
+
+@jax.jit
+def clear(idx: PrefixIndex) -> PrefixIndex:
+    """Forgets every cached block (the pool's memory stays allocated)."""
+    return dataclasses.replace(idx, registered=jnp.zeros_like(idx.registered),
+                               ref_count=jnp.zeros_like(idx.ref_count))
+
+
+def stats(idx: PrefixIndex) -> dict[str, int | float]:
+    """Counters a user can read: tokens queried and hit, blocks in use / cached / free, evictions."""
+    registered, refs = np.asarray(idx.registered), np.asarray(idx.ref_count)
+    query, hit, evictions = (int(x) for x in np.asarray(idx.counters))
+    return {"query_tokens": query, "hit_tokens": hit, "hit_rate": hit / query if query else 0.0,
+            "blocks_in_use": int((refs > 0).sum()), "blocks_cached": int((registered & (refs == 0)).sum()),
+            "blocks_free": int((~registered & (refs == 0)).sum()), "evictions": evictions,
+            "requests": int(idx.clock)}
