@@ -261,9 +261,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "prompts answered by the teacher, made once and cached)")
     p.add_argument("--held-out-percent", type=float, default=10.0,
                    help="share of examples held out for evaluation (chosen by content hash)")
-    p.add_argument("--num-prompts", type=int, default=800, help="built-in set: ShareGPT prompts")
+    p.add_argument("--num-prompts", type=int, default=480, help="built-in set: ShareGPT prompts")
     p.add_argument("--answer-tokens", type=int, default=160, help="built-in set: max answer tokens")
-    p.add_argument("--generate-batch-size", type=int, default=32, help="built-in set: prompts per call")
+    p.add_argument("--generate-batch-size", type=int, default=16, help="built-in set: prompts per call")
     p.add_argument("--data-cache", default=None, help="built-in set: cache folder "
                    "(default $SWIFTKV_JAX_DATA or ~/.cache/swiftkv-jax/data)")
     p.add_argument("--seq-len", type=int, default=512, help="packed row length (tokens)")

@@ -281,8 +281,8 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("SWIFTKV_JAX_DATA", Path.home() / ".cache" / "swiftkv-jax" / "data"))
 
 
-def self_distillation_set(teacher: Any, tokenizer: Any, num_prompts: int = 800,
-                          max_new_tokens: int = 160, batch_size: int = 32, temperature: float = 0.7,
+def self_distillation_set(teacher: Any, tokenizer: Any, num_prompts: int = 480,
+                          max_new_tokens: int = 160, batch_size: int = 16, temperature: float = 0.7,
                           top_p: float = 0.9, cache_dir: str | Path | None = None,
                           progress: bool = True) -> list[Example]:
     """ShareGPT prompts answered by `teacher` (a plain Llama), as chats; made once, then cached.

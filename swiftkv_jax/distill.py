@@ -155,7 +155,7 @@ def make_train_step(config: DistillConfig, optimizer: optax.GradientTransformati
         (grads, loss, aux), _ = jax.lax.scan(micro, init, batch)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
-        metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
         return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, metrics
 
     return jax.jit(step, donate_argnums=0)
@@ -191,8 +191,8 @@ def prepare_run_folder(out: Path, identity: dict[str, Any], resume: bool, overwr
             raise RunError(f"{out} is not empty and holds no distillation run; choose another --out "
                            "or pass --overwrite to delete its contents")
         else:
-            old = json.loads(run_file.read_text())
-            changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+            old, new = _flat(json.loads(run_file.read_text())), _flat(identity)
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if changed:
                 raise RunError(f"{out} holds a different run (differs in: {', '.join(changed)}); "
                                "choose another --out or pass --overwrite to replace it")
@@ -203,6 +203,14 @@ def prepare_run_folder(out: Path, identity: dict[str, Any], resume: bool, overwr
     out.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps(identity, indent=1, sort_keys=True))
     return False
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}, so a refusal can name the setting that differs."""
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        flat.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
 
 
 def _checkpoint_manager(folder: Path, save_every: int, keep: int) -> Any:
