@@ -266,7 +266,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generate-batch-size", type=int, default=16, help="built-in set: prompts per call")
     p.add_argument("--data-cache", default=None, help="built-in set: cache folder "
                    "(default $SWIFTKV_JAX_DATA or ~/.cache/swiftkv-jax/data)")
-    p.add_argument("--seq-len", type=int, default=512, help="packed row length (tokens)")
+    p.add_argument("--seq-len", type=int, default=240,
+                   help="packed row length (tokens; training needs < 256, see distill.py)")
     p.add_argument("--eval-batch-size", type=int, default=4)
     p.add_argument("--no-text-eval", action="store_true", help="skip perplexity on English text")
     p.add_argument("--text-eval-chars", type=int, default=20000,

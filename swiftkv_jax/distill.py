@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from .data import Packed
-from .model import lower_hidden, upper_logits
+from .model import ATTENTION_TILE, lower_hidden, upper_logits
 from .params import Params
 
 Trainable = dict[str, Any]
@@ -48,10 +48,21 @@ class DistillConfig:
     mse_weight: float = 1.0
     batch_size: int = 4
     grad_accum: int = 1
-    seq_len: int = 512
+    seq_len: int = 240
     epochs: float = 1.0
     max_steps: int | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.seq_len < ATTENTION_TILE:
+            # Chunks of >= ATTENTION_TILE tokens take the tiled prefill attention, whose loop has a
+            # data-dependent trip count (it skips tiles above the diagonal): not differentiable.
+            raise ValueError(f"seq_len must be in [2, {ATTENTION_TILE - 1}] for training (the tiled "
+                             f"attention used from {ATTENTION_TILE} tokens on has no gradient), got "
+                             f"{self.seq_len}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def num_steps(self, num_rows: int) -> int:
         """Optimizer steps: `max_steps`, else `epochs` passes over `num_rows` packed rows."""

@@ -182,6 +182,11 @@ def test_output_folder_holding_another_run_is_refused(tmp_path):
         D.distill(params, data, config(max_steps=2), tmp_path / "other", progress=False)
 
 
+def test_rows_too_long_for_a_gradient_are_refused():
+    with pytest.raises(ValueError, match="seq_len must be in"):
+        D.DistillConfig(seq_len=256)
+
+
 def test_plain_llama_is_refused_by_the_trainer():
     with pytest.raises(ValueError, match="plain Llama"):
         D.trainable_of(sk.init_params(CFG, jax.random.PRNGKey(0)))
