@@ -143,6 +143,16 @@ def _examples(args: argparse.Namespace, params: Any, tokenizer: Any) -> tuple[li
     return train, held, name
 
 
+def _initialise(args: argparse.Namespace, params: Any, tokenizer: Any, train: list) -> Any:
+    """With --kv-init lstsq, SwiftKV K/V fitted by least squares on --kv-init-rows train rows."""
+    if args.kv_init != "lstsq":
+        return params
+    from swiftkv_jax import data
+    from swiftkv_jax.kv_init import fit_swiftkv_kv
+
+    return fit_swiftkv_kv(params, data.pack(tokenizer, train, args.seq_len).tokens[:args.kv_init_rows])
+
+
 def _eval_sets(args: argparse.Namespace, tokenizer: Any, held: list) -> dict[str, Any]:
     """Packed held-out sets: the held-out examples (assistant tokens of chats) and plain English."""
     from swiftkv_jax import data
@@ -183,6 +193,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, epochs=args.epochs, max_steps=args.max_steps, seed=args.seed)
     train, held, data_name = _examples(args, params, tokenizer)
     packed = data.pack(tokenizer, train, args.seq_len, assistant_only=args.assistant_only)
+    params = _initialise(args, params, tokenizer, train)
     cfg = params.config
     print(f"[SwiftKV L={cfg.num_key_value_layers} of {cfg.num_layers}, g={cfg.key_value_group_size}; "
           f"data {data_name}: {len(train)} train / {len(held)} held-out examples, {packed.num_rows} rows "
@@ -190,7 +201,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     out = Path(args.out)
     identity = {"model": str(args.model or sk.default_model_path()), "data": data_name,
                 "num_key_value_layers": cfg.num_key_value_layers, "group_size": cfg.key_value_group_size,
-                "assistant_only": args.assistant_only}
+                "assistant_only": args.assistant_only, "kv_init": args.kv_init}
     sets = {} if args.no_eval else _eval_sets(args, tokenizer, held)
     results: dict[str, Any] = {}
     resuming = args.resume and (out / distill.RUN_FILE).exists()
@@ -237,7 +248,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; evaluation needs one to read text")
     params = _swiftkv_params(params, args.num_key_value_layers, args.group_size)
-    _, held, data_name = _examples(args, params, tokenizer)
+    train, held, data_name = _examples(args, params, tokenizer)
+    params = _initialise(args, params, tokenizer, train) if args.num_key_value_layers else params
     results = {"model": _evaluate_all(params, _eval_sets(args, tokenizer, held), args.eval_batch_size)}
     print(evaluate.format_table(results))
     rows = evaluate.side_by_side(params, tokenizer, EXAMPLE_PROMPTS, args.answer_preview_tokens)
@@ -266,6 +278,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generate-batch-size", type=int, default=16, help="built-in set: prompts per call")
     p.add_argument("--data-cache", default=None, help="built-in set: cache folder "
                    "(default $SWIFTKV_JAX_DATA or ~/.cache/swiftkv-jax/data)")
+    p.add_argument("--kv-init", choices=("mean", "lstsq"), default="mean",
+                   help="SwiftKV K/V of a converted model: mean of the group's k/v_proj (recipe) or "
+                   "least squares on calibration rows (the layers' own K/V regressed on s)")
+    p.add_argument("--kv-init-rows", type=int, default=32, help="lstsq: calibration rows of train data")
     p.add_argument("--seq-len", type=int, default=240,
                    help="packed row length (tokens; training needs < 256, see distill.py)")
     p.add_argument("--eval-batch-size", type=int, default=4)

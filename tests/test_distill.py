@@ -266,3 +266,22 @@ def test_cli_data_errors_are_one_line(tiny_hf, tmp_path, capsys):
 def test_to_swiftkv_bad_group_size_is_a_config_error():
     with pytest.raises(ConfigError):
         sk.to_swiftkv(sk.init_params(CFG, jax.random.PRNGKey(0)), 2, 2)
+
+
+def test_least_squares_kv_init_fits_the_layers_own_keys_and_values():
+    from swiftkv_jax.kv_init import _layer_inputs, fit_swiftkv_kv
+
+    params, data = tiny_swiftkv(L=2, g=1), random_data(rows=8, seq_len=16)
+    fitted = fit_swiftkv_kv(params, data.tokens, ridge=1e-9)
+    sw, layers = fitted.weights["swiftkv"], params.weights["layers"]
+    # Layer L's own input is exactly s (norm_swiftkv starts as its input_layernorm): exact fit.
+    np.testing.assert_allclose(sw["k_proj"][0], layers[2]["k_proj"], atol=1e-3)
+    np.testing.assert_allclose(sw["v_proj"][0], layers[2]["v_proj"], atol=1e-3)
+    s, xs = _layer_inputs(params, jnp.asarray(data.tokens))
+    for j in (1, 2):  # later layers: the fit explains their keys better than their own weights do
+        target = jnp.einsum("btd,dkh->btkh", xs[j], layers[2 + j]["k_proj"])
+        err = lambda w: float(jnp.mean((jnp.einsum("btd,dkh->btkh", s, w) - target) ** 2))
+        assert err(sw["k_proj"][j]) < 0.9 * err(params.weights["swiftkv"]["k_proj"][j])
+    assert evaluate(fitted, data)["kl"] < evaluate(params, data)["kl"]
+    frozen = lambda p: {k: v for k, v in p.weights.items() if k != "swiftkv"}
+    assert leaves_equal(frozen(fitted), frozen(params))
