@@ -193,7 +193,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
         seq_len=args.seq_len, epochs=args.epochs, max_steps=args.max_steps, seed=args.seed)
     train, held, data_name = _examples(args, params, tokenizer)
     packed = data.pack(tokenizer, train, args.seq_len, assistant_only=args.assistant_only)
+    initial = {"init-only": params}  # the recipe's initialisation, which the result is measured against
     params = _initialise(args, params, tokenizer, train)
+    if args.kv_init == "lstsq":
+        initial["init-only lstsq"] = params
     cfg = params.config
     print(f"[SwiftKV L={cfg.num_key_value_layers} of {cfg.num_layers}, g={cfg.key_value_group_size}; "
           f"data {data_name}: {len(train)} train / {len(held)} held-out examples, {packed.num_rows} rows "
@@ -203,10 +206,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
                 "num_key_value_layers": cfg.num_key_value_layers, "group_size": cfg.key_value_group_size,
                 "assistant_only": args.assistant_only, "kv_init": args.kv_init}
     sets = {} if args.no_eval else _eval_sets(args, tokenizer, held)
-    results: dict[str, Any] = {}
-    resuming = args.resume and (out / distill.RUN_FILE).exists()
-    if sets and not resuming:
-        results["init-only"] = _evaluate_all(params, sets, args.eval_batch_size)
+    results = {name: _evaluate_all(p, sets, args.eval_batch_size) for name, p in initial.items()} \
+        if sets else {}
+    if results:
         print(evaluate.format_table(results), file=sys.stderr)
     run = distill.distill(params, packed, config, out, identity=identity, resume=args.resume,
                           overwrite=args.overwrite, save_every=args.save_every, keep=args.keep,
@@ -220,10 +222,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"steps": run.steps, "tokens_seen": run.tokens_seen,
                                "tokens_per_s": run.tokens_per_s, "config": dataclasses.asdict(config)}
     if sets:
-        if "init-only" not in results and (out / "eval.json").exists():
-            results = json.loads((out / "eval.json").read_text()).get("results", {})
-        if "init-only" not in results:
-            results["init-only"] = _evaluate_all(params, sets, args.eval_batch_size)
         results["distilled"] = _evaluate_all(run.params, sets, args.eval_batch_size)
         summary["results"] = results
         summary["side_by_side"] = evaluate.side_by_side(run.params, tokenizer, EXAMPLE_PROMPTS,
