@@ -113,6 +113,9 @@ def make_request(params: Params, cache: KVCache, prompt, max_new_tokens: int) ->
     """Validates prompts against the model and the cache."""
     rows, single = _as_rows(prompt)
     vocab = params.config.vocab_size
+    if any(x.is_deleted() for x in jax.tree.leaves(cache)):
+        raise GenerateError("this cache was donated to an earlier generate() call and its memory now "
+                            "belongs to the cache that call returned: use `out, cache = generate(...)`")
     if len(rows) > cache.batch_size:
         raise GenerateError(f"{len(rows)} prompts but the cache holds {cache.batch_size} rows; "
                             f"make the cache with init_cache(params, batch_size={len(rows)}, ...)")

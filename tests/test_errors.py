@@ -119,3 +119,11 @@ def test_bad_swiftkv_layers_in_config():
         sk.ModelConfig(**base, num_key_value_layers=0)
     with pytest.raises(ConfigError, match="key_value_group_size"):
         sk.ModelConfig(**base, num_key_value_layers=1, key_value_group_size=2)
+
+
+def test_reusing_a_donated_cache_is_a_clear_error(params):
+    cache = sk.init_cache(params, 1, 32)
+    _, new_cache = sk.generate(params, cache, [1, 2, 3], max_new_tokens=2)
+    with pytest.raises(GenerateError, match="donated to an earlier generate"):
+        sk.generate(params, cache, [1, 2, 3], max_new_tokens=2)
+    sk.generate(params, new_cache, [1, 2, 3], max_new_tokens=2)  # the returned one works
