@@ -138,7 +138,7 @@ def _attend_tiled(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_
     def query_tile(i):
         qt, qp = q_tiles[i], pos_tiles[i]
 
-        def key_tile(j, carry):
+        def key_tile(carry, j):
             m, l, acc = carry
             kt = jax.lax.dynamic_slice_in_dim(k, j * tile, tile, axis=2)
             vt = jax.lax.dynamic_slice_in_dim(v, j * tile, tile, axis=2)
@@ -152,10 +152,13 @@ def _attend_tiled(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_
                                                       preferred_element_type=F32)
             return m_new, l * scale + p.sum(-1), acc
 
-        last_tile = jnp.minimum(jnp.max(qp) // tile + 1, nk)  # tiles past the diagonal are skipped
+        # Tiles past the diagonal are skipped: lax.cond runs one branch, and unlike a loop with a
+        # data-dependent trip count it can be differentiated (distillation trains through this).
+        last_tile = jnp.max(qp) // tile + 1
+        visit = lambda carry, j: (jax.lax.cond(j < last_tile, key_tile, lambda c, _: c, carry, j), None)
         shape = qt.shape[:-1]
         init = (jnp.full(shape, NEG_INF, F32), jnp.zeros(shape, F32), jnp.zeros(qt.shape, F32))
-        _, l, acc = jax.lax.fori_loop(0, last_tile, key_tile, init)
+        (_, l, acc), _ = jax.lax.scan(visit, init, jnp.arange(nk))
         return _from_heads_major((acc / l[..., None]).astype(q.dtype), tile)
 
     out = jax.lax.map(query_tile, jnp.arange(nq))  # [nq, B, tile, H, h]
