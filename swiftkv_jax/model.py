@@ -6,7 +6,7 @@ One code path for both models (DESIGN.md, "the data path"):
 With L = N (SwiftKV off) the upper segment is empty and this is a plain Llama.
 Layers are a list of per-layer weight trees run by an unrolled Python loop: on CPU this measured
 faster than `lax.scan` over stacked weights (whose per-layer slices XLA copies), e.g. SmolLM2-135M
-decode 21 -> 29 tokens/s. The cache pool is read per layer and written once, in one scatter.
+decode 21 -> 29 tokens/s. Each layer writes its new K/V into its own cache pool, then reads its rows.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from .params import Params
 
 F32 = jnp.float32
 NEG_INF = float(jnp.finfo(F32).min)  # masked scores; finite so fully masked rows stay NaN-free
-# (keys, values, key_positions, updated cache pools) given this layer's new K/V (None for SwiftKV).
 # Given a layer's new (K, V) [B, T, K, h] (None for a SwiftKV layer): the keys and values
 # [K, B, S, h] and key positions [B, S] it attends over.
 KVAccess = Callable[[tuple[jax.Array, jax.Array] | None], tuple[jax.Array, jax.Array, jax.Array]]
