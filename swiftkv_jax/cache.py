@@ -87,12 +87,15 @@ class KVCache:
 def init_cache(params: Params, batch_size: int, max_length: int, *,
                block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: int | None = None,
                pool_bytes: int | None = None, dtype: jnp.dtype | None = None,
-               hash_mask: int = 0xFFFFFFFF) -> KVCache:
+               hash_mask: int = 0xFFFFFFFF, mesh: jax.sharding.Mesh | None = None,
+               pool_over_data: bool = False) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_length` tokens each.
 
     The pool holds `num_blocks` blocks of `block_size` tokens (or as many as fit in `pool_bytes`;
     default: one full row per batch row). Blocks beyond what the current request needs keep
     earlier prompts' KV for reuse (the prefix cache). Layer slots are L + (N - L) / g.
+    With a `mesh`, the pools are created sharded in place (kv heads over "model"; see
+    sharding.py) and the block table and lengths split over "data".
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -111,7 +114,16 @@ def init_cache(params: Params, batch_size: int, max_length: int, *,
     shape = (cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
     table = (jnp.arange(batch_size * blocks_per_row, dtype=jnp.int32) % num_blocks
              ).reshape(batch_size, blocks_per_row)
-    pools = lambda: [jnp.zeros(shape, dtype) for _ in range(cfg.num_cache_layers)]
-    return KVCache(k=pools(), v=pools(), block_table=table,
-                   lengths=jnp.zeros((batch_size,), jnp.int32),
-                   index=empty_index(num_blocks, block_size, hash_mask), block_size=block_size)
+    zeros = jnp.zeros
+    if mesh is not None:  # each device allocates only its shard of the pools
+        from .sharding import pool_spec, sharded_zeros
+        spec = jax.sharding.NamedSharding(mesh, pool_spec(shape[0], mesh, pool_over_data, shape[1]))
+        zeros = lambda shape, dtype: sharded_zeros(shape, dtype, spec)
+    pools = lambda: [zeros(shape, dtype) for _ in range(cfg.num_cache_layers)]
+    cache = KVCache(k=pools(), v=pools(), block_table=table,
+                    lengths=jnp.zeros((batch_size,), jnp.int32),
+                    index=empty_index(num_blocks, block_size, hash_mask), block_size=block_size)
+    if mesh is not None:
+        from .sharding import shard_cache
+        cache = shard_cache(cache, mesh, pool_over_data)
+    return cache

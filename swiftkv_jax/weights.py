@@ -283,14 +283,27 @@ def is_checkpoint(folder: Path) -> bool:
 
 
 def load_checkpoint(folder: str | Path, dtype: Any = None, sharding: Any = None) -> Params:
-    """Restores our checkpoint straight onto device (or onto `sharding`), optionally casting."""
+    """Restores our checkpoint straight onto device (or onto `sharding`), optionally casting.
+
+    `sharding`: one Sharding for every tensor, a `jax.sharding.Mesh` (each tensor restored onto
+    its shard by sharding.py's partition rules: no full copy on one device), or a pytree of
+    Shardings shaped like the weights."""
     import orbax.checkpoint as ocp
     folder = Path(folder).absolute()
     cfg = ModelConfig.from_json_file(folder / "config.json")
     with ocp.StandardCheckpointer() as ckpt:
         meta = ckpt.metadata(folder / PARAMS_SUBDIR).item_metadata
-        device = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(
-            tuple(m.shape), dtype or m.dtype, sharding=device), meta)
+        if isinstance(sharding, jax.sharding.Mesh):
+            from .sharding import params_shardings
+            sharding = params_shardings(meta, sharding)
+        if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+            sharding = jax.tree.map(
+                lambda _: sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]), meta)
+        leaves, treedef = jax.tree.flatten(meta)
+        shardings = jax.tree.leaves(sharding, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+        if len(shardings) != len(leaves):
+            raise WeightsError(f"{len(shardings)} shardings given for {len(leaves)} tensors in {folder}")
+        target = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(
+            tuple(m.shape), dtype or m.dtype, sharding=s) for m, s in zip(leaves, shardings)])
         weights = ckpt.restore(folder / PARAMS_SUBDIR, target)
     return Params(weights, cfg)
