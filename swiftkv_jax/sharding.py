@@ -376,15 +376,17 @@ def shard_bytes(shape: Sequence[int], itemsize: int, spec: P, sizes: Mapping[str
 
 def memory_per_device(config: ModelConfig, mesh: Mesh | Mapping[str, int] | str,
                       dtype: Any = jnp.bfloat16, batch_size: int = 8, max_length: int = 8192,
-                      pool_over_data: bool = False) -> dict[str, int]:
+                      pool_over_data: bool = False, teacher: bool = False) -> dict[str, int]:
     """Per-device bytes of params and of a KV pool of `batch_size` rows x `max_length` tokens
-    under the partition rules, from the config alone (no arrays)."""
+    under the partition rules, from the config alone (no arrays). `teacher`: count the original
+    q/k/v_proj of SwiftKV layers >= L too (distillation keeps them; inference does not need them).
+    Device memory also holds activations and XLA's temporaries, not counted here."""
     if isinstance(mesh, str):
         sizes = parse_mesh(mesh, _count(mesh))
     else:
         sizes = mesh_sizes(mesh)
     itemsize = jnp.dtype(dtype).itemsize
-    weights = abstract_weights(config, dtype)
+    weights = abstract_weights(config, dtype, teacher)
     specs = param_specs(weights, sizes, warn=False)
     param_bytes = sum(shard_bytes(x.shape, itemsize, sp, sizes) for x, sp in zip(
         jax.tree.leaves(weights), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))))

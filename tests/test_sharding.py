@@ -139,6 +139,7 @@ def test_sharded_generate_equals_one_device(eight_devices, model, mesh):
     assert r["tokens_again"] == eight_devices[model]["reference"]["tokens_again"]  # prefix-cache hits
     assert r["hit_tokens"] == eight_devices[model]["reference"]["hit_tokens"] > 0
     assert r["logits_rel_err"] <= 1e-4
+    assert r["shards"]["estimate_matches"] == [True, True]  # memory_per_device vs real shards
 
 
 def test_arrays_are_really_sharded(eight_devices):
@@ -283,6 +284,11 @@ def _checks(folder: str) -> dict:
             if config.swiftkv:
                 shards["q_proj_swiftkv"] = shards["q_proj"]
                 shards["swiftkv_k_proj"] = _shard_info(w["swiftkv"]["k_proj"])
+            # The config-only estimate equals the bytes really held by device 0.
+            est = sh.memory_per_device(config, spec, jnp.float32, batch_size=8, max_length=40,
+                                       teacher=True)
+            held = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+            shards["estimate_matches"] = [est["params"] == held(w), est["cache"] == held(cache.k + cache.v)]
             err = np.abs(got["logits"] - ref["logits"]).max() / np.abs(ref["logits"]).max()
             out[name][spec] = {"tokens": got["tokens"], "tokens_again": got["tokens_again"],
                                "hit_tokens": got["hit_tokens"], "logits_rel_err": float(err),
