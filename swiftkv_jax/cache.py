@@ -94,8 +94,9 @@ def init_cache(params: Params, batch_size: int, max_length: int, *,
     The pool holds `num_blocks` blocks of `block_size` tokens (or as many as fit in `pool_bytes`;
     default: one full row per batch row). Blocks beyond what the current request needs keep
     earlier prompts' KV for reuse (the prefix cache). Layer slots are L + (N - L) / g.
-    With a `mesh`, the pools are created sharded in place (kv heads over "model"; see
-    sharding.py) and the block table and lengths split over "data".
+    With a `mesh` (default: the mesh `params` are sharded on, if any), the pools are created
+    sharded in place (kv heads over "model"; see sharding.py) and the block table and lengths
+    split over "data".
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -114,6 +115,10 @@ def init_cache(params: Params, batch_size: int, max_length: int, *,
     shape = (cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
     table = (jnp.arange(batch_size * blocks_per_row, dtype=jnp.int32) % num_blocks
              ).reshape(batch_size, blocks_per_row)
+    if mesh is None:
+        sharding = getattr(params.weights["embed_tokens"], "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh, jax.sharding.Mesh):
+            mesh = sharding.mesh
     zeros = jnp.zeros
     if mesh is not None:  # each device allocates only its shard of the pools
         from .sharding import pool_spec, sharded_zeros

@@ -112,6 +112,10 @@ def test_load_checkpoint_takes_a_mesh_and_a_pytree_of_shardings(tmp_path):
         jax.tree.map(np.testing.assert_array_equal, restored.weights, params.weights)
     loaded, _ = sk.load(tmp_path / "ck", tokenizer=False, mesh=mesh)
     assert isinstance(loaded.weights["embed_tokens"].sharding, jax.sharding.NamedSharding)
+    cache = sk.init_cache(loaded, 2, 32)  # on the params' mesh by default
+    assert cache.k[0].sharding.mesh == mesh and cache.lengths.sharding.mesh == mesh
+    out, _ = sk.generate(loaded, cache, [[1, 2, 3], [4]], max_new_tokens=2)
+    assert out == sk.generate(params, None, [[1, 2, 3], [4]], max_new_tokens=2)[0]
 
 
 # -- 8 devices, in a subprocess -----------------------------------------------------------------
