@@ -35,11 +35,32 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool, system: str | None = No
     return list(tokenizer.encode(text))
 
 
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+    """--mesh and the multi-host options (see swiftkv_jax/sharding.py)."""
+    p.add_argument("--mesh", default=None, metavar="SPEC",
+                   help="shard over devices, data x model: 'data=2,model=4', '2x4', or 'model=-1' "
+                        "(tensor parallel over all devices); default: one device")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize first (TPU pods and SLURM/MPI GPU "
+                        "clusters are detected; elsewhere give --coordinator, --num-processes, --process-id)")
+    p.add_argument("--coordinator", default=None, help="host:port of process 0 (with --distributed)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+
+
+def _mesh(args: argparse.Namespace) -> Any:
+    """The mesh asked for on the command line (None: one device), joining the hosts first."""
+    from .sharding import initialize_distributed, make_mesh
+    if args.distributed:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    return None if args.mesh is None else make_mesh(args.mesh)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import swiftkv_jax as sk
 
     _enable_compilation_cache()
-    params, tokenizer = sk.load(args.model, dtype=_dtype(args.dtype))
+    params, tokenizer = sk.load(args.model, dtype=_dtype(args.dtype), mesh=_mesh(args))
     if tokenizer is None:
         raise SystemExit(f"error: {args.model} has no tokenizer; convert it from a folder or GGUF "
                          "that has one, or use the Python API with token ids")
@@ -309,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: float32 on CPU, bfloat16 on GPU/TPU")
     gen.add_argument("--compare-swiftkv-off", action="store_true",
                      help="for a SwiftKV model: also time prefill with SwiftKV off, show the saving")
+    add_mesh_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     conv = sub.add_parser("convert", help="HF folder or GGUF -> our checkpoint (or a HF folder)")
