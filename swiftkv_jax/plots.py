@@ -17,8 +17,9 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
         return
     steps = [r["step"] for r in records]
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
-    for key in ("loss", "kl", "mse"):
-        ax.plot(steps, [r[key] for r in records], label=key, linewidth=1)
+    labels = {"loss": "loss", "kl": "tau^2 KL at tau", "mse": "MSE into the last layer"}
+    for key, label in labels.items():
+        ax.plot(steps, [r[key] for r in records], label=label, linewidth=1)
     ax.set_yscale("log")
     ax.set_ylabel("train loss (per supervised token)")
     ax.legend()
