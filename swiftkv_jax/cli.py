@@ -301,8 +301,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="SwiftKV K/V of a converted model: mean of the group's k/v_proj (recipe) or "
                    "least squares on calibration rows (the layers' own K/V regressed on s)")
     p.add_argument("--kv-init-rows", type=int, default=32, help="lstsq: calibration rows of train data")
-    p.add_argument("--seq-len", type=int, default=240,
-                   help="packed row length (tokens; training needs < 256, see distill.py)")
+    p.add_argument("--seq-len", type=int, default=240, help="packed row length (tokens)")
     p.add_argument("--eval-batch-size", type=int, default=4)
     p.add_argument("--no-text-eval", action="store_true", help="skip perplexity on English text")
     p.add_argument("--text-eval-chars", type=int, default=20000,

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from .data import Packed
-from .model import ATTENTION_TILE, lower_hidden, upper_logits
+from .model import lower_hidden, upper_logits
 from .params import Params
 
 Trainable = dict[str, Any]
@@ -54,12 +54,8 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 2 <= self.seq_len < ATTENTION_TILE:
-            # Chunks of >= ATTENTION_TILE tokens take the tiled prefill attention, whose loop has a
-            # data-dependent trip count (it skips tiles above the diagonal): not differentiable.
-            raise ValueError(f"seq_len must be in [2, {ATTENTION_TILE - 1}] for training (the tiled "
-                             f"attention used from {ATTENTION_TILE} tokens on has no gradient), got "
-                             f"{self.seq_len}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

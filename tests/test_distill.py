@@ -16,6 +16,7 @@ from swiftkv_jax.cli import main
 from swiftkv_jax.config import ConfigError, ModelConfig
 from swiftkv_jax.data import Packed
 from swiftkv_jax.evaluate import evaluate
+from swiftkv_jax.model import ATTENTION_TILE
 from conftest import make_hf_llama
 from tiny_tokenizer import make_tokenizer
 
@@ -119,8 +120,9 @@ def test_interrupt_and_resume_equals_a_straight_run(tmp_path):
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["6", "7"]  # keep 2
 
 
-def test_gradient_matches_finite_differences():
-    params, data = tiny_swiftkv(L=2, g=3), random_data(rows=2)
+@pytest.mark.parametrize("seq_len", [16, ATTENTION_TILE + 8], ids=["dense", "tiled"])
+def test_gradient_matches_finite_differences(seq_len):
+    params, data = tiny_swiftkv(L=2, g=3), random_data(rows=2, seq_len=seq_len)
     batch = jax.tree.map(jnp.asarray, data.rows(np.arange(2)))
     cfg = config()
     trainable = D.trainable_of(params)
@@ -182,9 +184,11 @@ def test_output_folder_holding_another_run_is_refused(tmp_path):
         D.distill(params, data, config(max_steps=2), tmp_path / "other", progress=False)
 
 
-def test_rows_too_long_for_a_gradient_are_refused():
-    with pytest.raises(ValueError, match="seq_len must be in"):
-        D.DistillConfig(seq_len=256)
+def test_bad_batch_shapes_are_refused():
+    with pytest.raises(ValueError, match="seq_len must be >= 2"):
+        D.DistillConfig(seq_len=1)
+    with pytest.raises(ValueError, match="grad_accum must be >= 1"):
+        D.DistillConfig(grad_accum=0)
 
 
 def test_plain_llama_is_refused_by_the_trainer():
