@@ -87,10 +87,37 @@ def load_gguf(path: str | Path, dtype: Any = jnp.float32, progress: bool = True)
     return params_from_tensors(cfg, get, by_hf.keys(), dtype, progress)
 
 
+def tokenizer_from_gguf_metadata(path: str | Path) -> Any:
+    """A transformers fast tokenizer built from the GGUF file's own vocabulary, merges, special
+    tokens and chat template, without PyTorch (transformers' GGUF loader imports torch; the main
+    job must run with jax alone). Uses transformers' GGUF tokenizer converters."""
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+
+    fields = gguf.GGUFReader(str(path)).fields
+    meta = {k: f.contents() for k, f in fields.items() if k.startswith(("tokenizer.", "general.arch"))}
+    grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items()
+                       if f"tokenizer.{key}" in meta}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    vocab, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    backend, _ = convert_gguf_tokenizer(meta["general.architecture"], vocab)
+    special = {name: vocab["tokens"][meta[f"tokenizer.ggml.{key}"]] for name, key in _SPECIAL_TOKENS.items()
+               if f"tokenizer.ggml.{key}" in meta}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=config.get("chat_template"),
+                                   **special)
+
+
 def load_gguf_tokenizer(path: str | Path) -> Any:
-    """The tokenizer embedded in a GGUF file, through transformers (None if it cannot build one)."""
+    """The tokenizer embedded in a GGUF file (None if neither way can build one): first from its
+    metadata without torch, then through transformers' own GGUF loader (which needs torch)."""
     from transformers import AutoTokenizer
     path = Path(path)
+    try:
+        return tokenizer_from_gguf_metadata(path)
+    except Exception:  # an older/newer transformers without these converters
+        pass
     try:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception:

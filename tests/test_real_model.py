@@ -62,3 +62,16 @@ def test_answer_is_real_text():
     params, tokenizer, _ = models()
     ids, _ = sk.generate(params, None, chat_ids(tokenizer, QUESTIONS[0]), max_new_tokens=30)
     assert "Paris" in tokenizer.decode(ids)
+
+
+def test_tokenizer_without_torch_equals_transformers_gguf_tokenizer():
+    """The main job builds the GGUF tokenizer from metadata (no torch); it must encode like
+    transformers' own GGUF tokenizer."""
+    from swiftkv_jax.gguf_io import tokenizer_from_gguf_metadata
+    path = sk.default_model_path() if models() else None
+    ours = tokenizer_from_gguf_metadata(path)
+    ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for q in QUESTIONS:
+        assert chat_ids(ours, q) == chat_ids(ref, q)
+        assert ours.encode(q) == ref.encode(q)
+    assert ours.eos_token_id == ref.eos_token_id and ours.bos_token_id == ref.bos_token_id
