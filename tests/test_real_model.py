@@ -22,7 +22,7 @@ def models():
     try:
         path = sk.default_model_path()
     except FileNotFoundError as e:
-        pytest.skip(str(e))
+        pytest.fail(f"{e} (the README's test command installs it)")
     params, tokenizer = sk.load(path, progress=False)
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
