@@ -56,14 +56,22 @@ def _mesh(args: argparse.Namespace) -> Any:
     return None if args.mesh is None else make_mesh(args.mesh)
 
 
+def _load_with_tokenizer(args: argparse.Namespace, purpose: str, mesh: Any = None) -> tuple[Any, Any]:
+    """(params, tokenizer) of --model, with the compilation cache on; a model without a tokenizer
+    is an error here (the Python API takes token ids)."""
+    import swiftkv_jax as sk
+    _enable_compilation_cache()
+    params, tokenizer = sk.load(args.model, dtype=_dtype(args.dtype), mesh=mesh)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer; {purpose} needs one to read text (convert "
+                         "the model from a folder or GGUF that has one, or use the Python API)")
+    return params, tokenizer
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import swiftkv_jax as sk
 
-    _enable_compilation_cache()
-    params, tokenizer = sk.load(args.model, dtype=_dtype(args.dtype), mesh=_mesh(args))
-    if tokenizer is None:
-        raise SystemExit(f"error: {args.model} has no tokenizer; convert it from a folder or GGUF "
-                         "that has one, or use the Python API with token ids")
+    params, tokenizer = _load_with_tokenizer(args, "generate", mesh=_mesh(args))
     ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat_template, system=args.system)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     cache = sk.init_cache(params, 1, len(ids) + args.max_new_tokens)
@@ -203,10 +211,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     import swiftkv_jax as sk
     from swiftkv_jax import data, distill, evaluate
 
-    _enable_compilation_cache()
-    params, tokenizer = sk.load(args.model, dtype=_dtype(args.dtype))
-    if tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer; distillation needs one to read text")
+    params, tokenizer = _load_with_tokenizer(args, "distillation")
     params = _swiftkv_params(params, args.num_key_value_layers, args.group_size)
     config = distill.DistillConfig(
         learning_rate=args.lr, warmup_fraction=args.warmup, b1=args.beta1, b2=args.beta2,
@@ -260,13 +265,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    import swiftkv_jax as sk
     from swiftkv_jax import evaluate
 
-    _enable_compilation_cache()
-    params, tokenizer = sk.load(args.model, dtype=_dtype(args.dtype))
-    if tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer; evaluation needs one to read text")
+    params, tokenizer = _load_with_tokenizer(args, "evaluation")
     params = _swiftkv_params(params, args.num_key_value_layers, args.group_size)
     train, held, data_name = _examples(args, params, tokenizer)
     params = _initialise(args, params, tokenizer, train) if args.num_key_value_layers else params

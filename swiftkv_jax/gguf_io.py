@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
 from .params import Params
 from .weights import WeightsError, params_from_tensors
 

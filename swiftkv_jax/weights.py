@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
 from .params import Params
 
 PARAMS_SUBDIR = "params"
@@ -84,7 +84,7 @@ def _layer_tensors(cfg: ModelConfig) -> dict[str, _Tensor]:
 
 def _global_tensors(cfg: ModelConfig) -> dict[str, _Tensor]:
     """Tensors outside the layer stacks (SwiftKV K/V are per group leader, stacked on axis 0)."""
-    d, k, hd = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
+    d = cfg.hidden_size
     out = {"model.embed_tokens.weight": _Tensor("embed_tokens", (cfg.vocab_size, d), linear=False),
            "model.norm.weight": _Tensor("norm/weight", (d,), linear=False)}
     if not cfg.tie_word_embeddings:

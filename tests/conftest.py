@@ -7,7 +7,6 @@ runs compile less.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax

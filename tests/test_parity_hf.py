@@ -1,8 +1,6 @@
 """Our Llama against Hugging Face transformers on tiny random models: logits and greedy tokens."""
 
 import jax.numpy as jnp
-import numpy as np
-import pytest
 
 import swiftkv_jax as sk
 from conftest import hf_greedy, hf_logits, prompts, rel_err

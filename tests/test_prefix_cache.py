@@ -1,6 +1,5 @@
 """Prefix reuse: cached prompts give the cold answer; the on-device index keeps its invariants."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

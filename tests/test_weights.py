@@ -1,11 +1,8 @@
 """Weight formats: sharded and bf16 safetensors, our orbax checkpoints, HF export read by transformers."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 import transformers
 
