@@ -197,10 +197,14 @@ def param_specs(weights: Any, mesh: Mesh | Mapping[str, int], warn: bool = True)
     return specs
 
 
+def _named(specs: Any, mesh: Mesh) -> Any:
+    """A pytree of PartitionSpecs -> the same tree of NamedShardings on `mesh`."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
 def params_shardings(weights: Any, mesh: Mesh) -> Any:
     """A pytree of NamedShardings like `weights` (also for an orbax restore target)."""
-    specs = param_specs(weights, mesh)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+    return _named(param_specs(weights, mesh), mesh)
 
 
 def shard_params(params: Params, mesh: Mesh) -> Params:
@@ -239,8 +243,8 @@ def cache_specs(cache: Any, mesh: Mesh | Mapping[str, int], pool_over_data: bool
 
 
 def cache_shardings(cache: Any, mesh: Mesh, pool_over_data: bool = False) -> Any:
-    specs = cache_specs(cache, mesh, pool_over_data)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+    """NamedShardings for a KVCache (see cache_specs)."""
+    return _named(cache_specs(cache, mesh, pool_over_data), mesh)
 
 
 def shard_cache(cache: Any, mesh: Mesh, pool_over_data: bool = False) -> Any:
@@ -301,8 +305,8 @@ def train_state_specs(state: Any, mesh: Mesh | Mapping[str, int], warn: bool = T
 
 
 def train_state_shardings(state: Any, mesh: Mesh) -> Any:
-    specs = train_state_specs(state, mesh)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+    """NamedShardings for a distillation train state (see train_state_specs)."""
+    return _named(train_state_specs(state, mesh), mesh)
 
 
 def restore_target(tree: Any, shardings: Any) -> Any:
