@@ -211,7 +211,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     import swiftkv_jax as sk
     from swiftkv_jax import data, distill, evaluate
 
-    params, tokenizer = _load_with_tokenizer(args, "distillation")
+    mesh = _mesh(args)
+    params, tokenizer = _load_with_tokenizer(args, "distillation", mesh=mesh)
     params = _swiftkv_params(params, args.num_key_value_layers, args.group_size)
     config = distill.DistillConfig(
         learning_rate=args.lr, warmup_fraction=args.warmup, b1=args.beta1, b2=args.beta2,
@@ -239,7 +240,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(evaluate.format_table(results), file=sys.stderr)
     run = distill.distill(params, packed, config, out, identity=identity, resume=args.resume,
                           overwrite=args.overwrite, save_every=args.save_every, keep=args.keep,
-                          stop_after=args.stop_after)
+                          stop_after=args.stop_after, mesh=mesh)
     if run.steps < config.num_steps(packed.num_rows):
         print(f"[stopped after step {run.steps}; continue with --resume]", file=sys.stderr)
         return 0
@@ -267,7 +268,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from swiftkv_jax import evaluate
 
-    params, tokenizer = _load_with_tokenizer(args, "evaluation")
+    params, tokenizer = _load_with_tokenizer(args, "evaluation", mesh=_mesh(args))
     params = _swiftkv_params(params, args.num_key_value_layers, args.group_size)
     train, held, data_name = _examples(args, params, tokenizer)
     params = _initialise(args, params, tokenizer, train) if args.num_key_value_layers else params
@@ -374,12 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--stop-after", type=int, default=None,
                      help="end this session after that many steps (continue with --resume)")
     dis.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    add_mesh_args(dis)
     dis.set_defaults(func=cmd_distill)
 
     ev = sub.add_parser("eval", help="measure a SwiftKV model against its teacher (SwiftKV off) "
                         "on held-out data and English text")
     _add_model_args(ev)
     ev.add_argument("--json", default=None, help="also write the results to this file")
+    add_mesh_args(ev)
     ev.set_defaults(func=cmd_eval)
     return parser
 

@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
+from . import sharding
 from .data import Packed
 from .model import lower_hidden, upper_logits
 from .params import Params
@@ -248,12 +250,14 @@ class RunResult:
 def distill(params: Params, data: Packed, config: DistillConfig, out: str | Path, *,
             identity: dict[str, Any] | None = None, resume: bool = False, overwrite: bool = False,
             save_every: int = 100, keep: int = 2, stop_after: int | None = None,
-            progress: bool = True) -> RunResult:
+            progress: bool = True, mesh: Mesh | None = None) -> RunResult:
     """Trains the SwiftKV weights of `params` on `data` per `config`, saving into `out`.
 
     `out` gets run.json (the run's identity), checkpoints/ (orbax, every `save_every` steps and
     at the end, the last `keep`), metrics.jsonl and loss.png. `stop_after` ends the session
-    after that many steps (as if interrupted); `resume` continues from the last checkpoint.
+    after that many steps (as if interrupted); `resume` continues from the last checkpoint, on
+    any mesh. With `mesh`, params and train state are split by the partition rules (tensor
+    parallel) and every batch over "data" (data parallel); the math is the same.
     """
     from tqdm.auto import tqdm
 
@@ -265,13 +269,18 @@ def distill(params: Params, data: Packed, config: DistillConfig, out: str | Path
                     rows=data.num_rows, data_sum=int(data.tokens.sum()))
     resuming = prepare_run_folder(out, identity, resume, overwrite)
     optimizer = make_optimizer(config, total)
+    if mesh is not None:
+        params = sharding.shard_params(params, mesh)
     state = init_state(params, optimizer)
+    if mesh is not None:
+        state = jax.device_put(state, sharding.train_state_shardings(state, mesh))
     manager = _checkpoint_manager(out / "checkpoints", save_every, keep)
     start = 0
     if resuming and manager.latest_step() is not None:
         import orbax.checkpoint as ocp
         start = int(manager.latest_step())
-        state = manager.restore(start, args=ocp.args.StandardRestore(state))
+        target = sharding.restore_target(state, jax.tree.map(lambda x: x.sharding, state))
+        state = manager.restore(start, args=ocp.args.StandardRestore(target))
     log_path = out / "metrics.jsonl"
     lines = _log_lines(log_path, start)
     log_path.write_text("".join(ln + "\n" for ln in lines))
@@ -284,7 +293,9 @@ def distill(params: Params, data: Packed, config: DistillConfig, out: str | Path
     with log_path.open("a") as log:
         for s in range(start, end):
             t0 = time.perf_counter()
-            batch = jax.tree.map(jnp.asarray, data.rows(batch_indices(s, data.num_rows, config)))
+            batch = data.rows(batch_indices(s, data.num_rows, config))
+            batch = jax.tree.map(jnp.asarray, batch) if mesh is None else \
+                sharding.shard_batch(batch, mesh, batch_axis=1)
             state, metrics = step_fn(state, params, batch)
             metrics = {k: float(v) for k, v in metrics.items()}
             dt = time.perf_counter() - t0

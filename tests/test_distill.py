@@ -218,7 +218,8 @@ def test_cli_distill_export_and_eval(tiny_hf, tmp_path, capsys):
     args = ["distill", "--model", str(folder), "-L", "2", "-g", "2", "--data", str(data),
             "--seq-len", "32", "--batch-size", "2", "--lr", "5e-3", "--max-steps", "6",
             "--held-out-percent", "30", "--no-text-eval", "--answer-preview-tokens", "4",
-            "--out", str(tmp_path / "run"), "--export-hf", str(tmp_path / "hf"), "--assistant-only"]
+            "--out", str(tmp_path / "run"), "--export-hf", str(tmp_path / "hf"), "--assistant-only",
+            "--mesh", "1x1"]  # the sharded code path, on this one device
     assert main(args) == 0
     out = capsys.readouterr()
     assert "| init-only |" in out.out and "| distilled |" in out.out and "### " in out.out
@@ -233,7 +234,7 @@ def test_cli_distill_export_and_eval(tiny_hf, tmp_path, capsys):
     assert main(args) == 2 and "--resume" in capsys.readouterr().err  # same run again: refused
     assert main(["eval", "--model", str(tmp_path / "run" / "model"), "--data", str(data),
                  "--held-out-percent", "30", "--seq-len", "32", "--no-text-eval",
-                 "--answer-preview-tokens", "4", "--json", str(tmp_path / "e.json")]) == 0
+                 "--answer-preview-tokens", "4", "--json", str(tmp_path / "e.json"), "--mesh", "1x1"]) == 0
     again = json.loads((tmp_path / "e.json").read_text())["results"]["model"]["held-out"]
     assert again["kl"] == pytest.approx(res["distilled"]["held-out"]["kl"], rel=1e-4)
 

@@ -187,6 +187,14 @@ def test_sharded_distillation_step_equals_unsharded(eight_devices):
     assert r["resumed_rel_diff"] <= 1e-4, r
 
 
+def test_distill_loop_on_a_mesh_resumes_on_another_like_a_straight_run(eight_devices):
+    r = eight_devices["distill"]["loop"]
+    assert r["resumed_from"] == 2
+    assert r["first_spec"] == {"spec": [None, None, MODEL, None], "shard": [1, 64, 1, 8]}
+    assert r["resumed_spec"]["shard"] == [1, 64, 4, 8]
+    assert r["moved"] > 1e-4 and r["rel_diff"] <= 1e-4, r
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -364,7 +372,31 @@ def _distill_check(folder: Path) -> dict:
     moved = float(np.abs(np.asarray(state["trainable"]["k_proj"]) - np.asarray(params.weights["swiftkv"]["k_proj"])).max())
     return {"max_rel_diff": max(diffs), "moved": moved, "resumed_rel_diff": resumed,
             "restored_spec": restored_spec, "loss": float(metrics["loss"]),
-            "loss_sharded": float(s_metrics["loss"])}
+            "loss_sharded": float(s_metrics["loss"]), "loop": _distill_loop_check(folder, params)}
+
+
+def _distill_loop_check(folder: Path, params: sk.Params) -> dict:
+    """distill() itself: 2 steps on a 2x4 mesh, interrupted, resumed on 8x1 for 2 more, against
+    4 straight steps on one device."""
+    from swiftkv_jax import distill as ds
+    from swiftkv_jax.data import Packed
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, SWIFT.vocab_size, (16, 9)).astype(np.int32)
+    packed = Packed(tokens[:, :-1], tokens[:, 1:], np.ones((16, 8), np.float32))
+    config = ds.DistillConfig(batch_size=8, seq_len=8, max_steps=4, learning_rate=1e-3)
+    run = lambda out, **kw: ds.distill(params, packed, config, folder / out, save_every=2,
+                                       progress=False, **kw)
+    straight = run("straight")
+    first = run("meshes", mesh=sh.make_mesh("2x4"), stop_after=2)
+    resumed = run("meshes", mesh=sh.make_mesh("8x1"), resume=True)
+    swiftkv = lambda r: r.params.weights["swiftkv"]
+    diff = max(jax.tree.leaves(jax.tree.map(
+        lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max() / (np.abs(np.asarray(a)).max() + 1e-12)),
+        swiftkv(straight), swiftkv(resumed))))
+    moved = float(np.abs(np.asarray(swiftkv(straight)["k_proj"]) - np.asarray(params.weights["swiftkv"]["k_proj"])).max())
+    return {"rel_diff": diff, "moved": moved, "resumed_from": resumed.resumed_from,
+            "first_spec": _shard_info(swiftkv(first)["k_proj"]),
+            "resumed_spec": _shard_info(swiftkv(resumed)["k_proj"])}
 
 
 def _multihost(port: str, process_id: str) -> dict:
