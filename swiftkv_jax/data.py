@@ -287,21 +287,23 @@ def self_distillation_set(teacher: Any, tokenizer: Any, num_prompts: int = 480,
                           progress: bool = True) -> list[Example]:
     """ShareGPT prompts answered by `teacher` (a plain Llama), as chats; made once, then cached.
 
-    The JSONL cache grows one batch at a time, so an interrupted run continues where it stopped.
-    All batches use one cache of a fixed size, so generation compiles once.
+    The JSONL cache grows one batch at a time, so an interrupted run continues where it stopped,
+    and asking for more prompts later answers only the new ones (the prompts are ShareGPT's first
+    `num_prompts`, so a smaller set is a prefix of a larger one). All batches use one cache of a
+    fixed size, so generation compiles once.
     """
     from tqdm.auto import tqdm
 
     from .generate import generate
     from .cache import init_cache
 
-    settings = f"n{num_prompts}_t{max_new_tokens}_T{temperature}_p{top_p}"
+    settings = f"t{max_new_tokens}_T{temperature}_p{top_p}"
     path = Path(cache_dir or default_data_dir()) / f"sharegpt_{model_fingerprint(teacher)}_{settings}.jsonl"
     done = read_jsonl(path) if path.exists() and path.stat().st_size else []
+    if len(done) >= num_prompts:
+        return done[:num_prompts]
     prompts = sharegpt_prompts(num_prompts)
     todo = prompts[len(done):]
-    if not todo:
-        return done
     path.parent.mkdir(parents=True, exist_ok=True)
     encoded = [_encode(tokenizer, _render(tokenizer, [{"role": "user", "content": p}], True)) for p in todo]
     cache = init_cache(teacher, batch_size, max(map(len, encoded)) + max_new_tokens)

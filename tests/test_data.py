@@ -148,6 +148,11 @@ def test_self_distillation_set_is_generated_once_and_resumed(tmp_path, tok, monk
     assert calls == [1]  # only the missing prompt is answered
     assert again[:2] == first[:2] and [c["messages"][0] for c in again] == [c["messages"][0] for c in first]
     assert data.self_distillation_set(teacher, tok, **kwargs) == again and calls == [1]
+    # A smaller set is read from the same file; a larger one answers only the new prompts.
+    assert data.self_distillation_set(teacher, tok, **dict(kwargs, num_prompts=2)) == again[:2]
+    more = data.self_distillation_set(teacher, tok, **dict(kwargs, num_prompts=5))
+    assert more[:3] == again and [c["messages"][0]["content"] for c in more] == prompts
+    assert calls == [1, 2] and len(list(tmp_path.glob("sharegpt_*.jsonl"))) == 1
 
 
 def test_english_calibration_text():
