@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,18 @@ def load_tokenizer(path: str | Path) -> Any:
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path))
+    from transformers.utils import logging as hf_logging
+
+    # AutoTokenizer also reads config.json; transformers does not know model_type llama_swiftkv
+    # and warns about it (and about the v4 rope layout) although only the tokenizer is loaded.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return AutoTokenizer.from_pretrained(str(path))
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load(path: str | Path | None = None, dtype: Any = None, progress: bool = True,
