@@ -34,7 +34,7 @@ def _notebook_libraries():
 
 def test_notebooks_exist():
     names = [p.name for p in NOTEBOOKS]
-    assert names == ["01_quickstart.ipynb", "02_swiftkv_distillation.ipynb"]
+    assert names == ["01_quickstart.ipynb", "02_swiftkv_distillation.ipynb", "03_performance.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
