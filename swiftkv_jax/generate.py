@@ -96,6 +96,8 @@ class Request:
 
 
 def _as_rows(prompt: Sequence[int] | Sequence[Sequence[int]]) -> tuple[list[list[int]], bool]:
+    if hasattr(prompt, "keys") and "input_ids" in prompt:  # a tokenizer's output (transformers 5's
+        prompt = prompt["input_ids"]  # apply_chat_template returns one): its token ids
     if isinstance(prompt, (str, bytes)):
         raise GenerateError("prompt must be token ids (a list of ints or a list of lists); "
                             "tokenize text first, e.g. tokenizer.encode(text)")
@@ -170,7 +172,8 @@ def _admit(cache: KVCache, req: Request, namespace: jax.Array) -> tuple[KVCache,
 def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_ids: Sequence[int] | None = None, timings: dict[str, float] | None = None):
-    """Generates a continuation of `prompt` (token ids, or a batch of lists of different lengths).
+    """Generates a continuation of `prompt` (token ids, or a batch of lists of different lengths;
+    a tokenizer's output with `input_ids` is read as its ids).
 
     `temperature` 0 is greedy; `top_k` 0 and `top_p` 1 switch those filters off. Generation of a
     row stops after `max_new_tokens` or at a stop id (default: the model's eos ids), which is not

@@ -112,6 +112,14 @@ def test_bad_generate_requests(params, prompt, kwargs, message):
         sk.generate(params, cache, prompt, **kwargs)
 
 
+def test_tokenizer_output_is_read_as_its_input_ids(params):
+    """transformers 5's apply_chat_template returns a BatchEncoding, not a list of ids."""
+    want, _ = sk.generate(params, None, [1, 2, 3], max_new_tokens=4)
+    got, _ = sk.generate(params, None, {"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1]},
+                         max_new_tokens=4)
+    assert got == want
+
+
 def test_bad_swiftkv_layers_in_config():
     base = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_layers=4, num_heads=2,
                 num_kv_heads=1, head_dim=8)
