@@ -43,6 +43,7 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
+        """Rows: prompts one generate() call can take."""
         return self.block_table.shape[0]
 
     @property
@@ -57,9 +58,11 @@ class KVCache:
 
     @property
     def num_blocks(self) -> int:
+        """KV blocks in the pool, shared by all rows and the prefix cache."""
         return self.num_slots // self.block_size
 
     def nbytes(self) -> int:
+        """Bytes of the K/V pools (the cache's memory; block tables and index not counted)."""
         return sum(x.nbytes for x in self.k + self.v)
 
     def bytes_per_token(self) -> int:

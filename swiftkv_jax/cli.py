@@ -69,6 +69,7 @@ def _load_with_tokenizer(args: argparse.Namespace, purpose: str, mesh: Any = Non
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """`swiftkv-jax generate`: answers one prompt; reports time to first token and decode speed."""
     import swiftkv_jax as sk
 
     params, tokenizer = _load_with_tokenizer(args, "generate", mesh=_mesh(args))
@@ -116,6 +117,7 @@ def _print_prefill_saving(params: Any, ids: list[int], repeats: int = 3) -> None
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    """`swiftkv-jax convert`: a model -> our checkpoint or a HF folder, made SwiftKV if asked."""
     import swiftkv_jax as sk
     from swiftkv_jax.weights import save_hf_folder
 
@@ -205,6 +207,7 @@ EXAMPLE_PROMPTS = ("What is the capital of France?", "Write a haiku about the se
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    """`swiftkv-jax distill`: convert, evaluate the init, distill, save, evaluate again."""
     import dataclasses
     import json
 
@@ -264,6 +267,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """`swiftkv-jax eval`: a SwiftKV model against its teacher (held-out data, English text)."""
     import json
 
     from swiftkv_jax import evaluate
@@ -314,6 +318,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `swiftkv-jax` argument parser, every subcommand and flag."""
     parser = argparse.ArgumentParser(prog="swiftkv-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -388,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: runs a subcommand; our errors print as one line with exit status 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

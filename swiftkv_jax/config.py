@@ -84,6 +84,7 @@ class ModelConfig:
 
     @property
     def num_upper_layers(self) -> int:
+        """N - L: the layers whose K/V come from layer L's input."""
         return self.num_layers - self.num_key_value_layers
 
     @property
@@ -97,6 +98,7 @@ class ModelConfig:
         return self.num_key_value_layers + self.num_kv_groups
 
     def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with `changes` applied (and validated again): the config is frozen."""
         return dataclasses.replace(self, **changes)
 
     # -- Hugging Face config.json ---------------------------------------------------------
@@ -176,6 +178,7 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "ModelConfig":
+        """Reads a Hugging Face `config.json` file (see from_hf_dict)."""
         with open(path) as f:
             try:
                 d = json.load(f)

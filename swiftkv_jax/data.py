@@ -49,10 +49,12 @@ class Packed:
 
     @property
     def num_rows(self) -> int:
+        """Packed rows of `seq_len` tokens."""
         return int(self.tokens.shape[0])
 
     @property
     def num_supervised(self) -> int:
+        """Positions whose prediction counts in the loss and in evaluation."""
         return int(self.weights.sum())
 
     def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:

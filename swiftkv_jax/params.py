@@ -39,6 +39,7 @@ class Params:
 
     @property
     def dtype(self) -> jnp.dtype:
+        """The weights' floating-point dtype (the KV cache defaults to it)."""
         return self.weights["embed_tokens"].dtype
 
     def astype(self, dtype: Any) -> "Params":
@@ -47,7 +48,9 @@ class Params:
         return Params(jax.tree.map(cast, self.weights), self.config)
 
     def num_parameters(self) -> int:
+        """Number of weights (SwiftKV projections and kept original q/k/v included)."""
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.weights)))
 
     def nbytes(self) -> int:
+        """Bytes of all weights: what batch-1 decode reads per token."""
         return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.weights)))

@@ -48,6 +48,7 @@ class PrefixIndex:
 
 
 def empty_index(num_blocks: int, block_size: int, hash_mask: int = 0xFFFFFFFF) -> PrefixIndex:
+    """An index over `num_blocks` pool blocks with nothing cached (init_cache makes one)."""
     zeros = lambda dtype=jnp.int32: jnp.zeros((num_blocks,), dtype)
     return PrefixIndex(block_hash=zeros(U32), block_tokens=jnp.zeros((num_blocks, block_size), jnp.int32),
                        block_parent=zeros(), block_parent_gen=zeros(), block_gen=zeros(),

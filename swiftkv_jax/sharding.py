@@ -113,6 +113,8 @@ def make_mesh(spec: str | Mapping[str, int] | None = None,
 
 
 def mesh_sizes(mesh: Mesh | Mapping[str, int]) -> dict[str, int]:
+    """{"data": n, "model": m} of a Mesh or a sizes dict (a missing axis is 1), so the rules
+    work on real meshes and on sizes alone (memory estimates)."""
     sizes = dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)
     return {DATA: sizes.get(DATA, 1), MODEL: sizes.get(MODEL, 1)}
 

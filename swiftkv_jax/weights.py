@@ -279,6 +279,7 @@ def save_checkpoint(params: Params, folder: str | Path, tokenizer: Any = None) -
 
 
 def is_checkpoint(folder: Path) -> bool:
+    """True for our own checkpoint folder (config.json and an orbax params/ tree)."""
     return (folder / PARAMS_SUBDIR).is_dir() and (folder / "config.json").exists()
 
 
