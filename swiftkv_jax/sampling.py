@@ -1,6 +1,10 @@
 """Next-token sampling: greedy, temperature, top-k and top-p, all parameters traced arrays.
 
-Changing a sampling value never recompiles; greedy (temperature 0) skips the sort via lax.cond.
+Changing a sampling value never recompiles. Each step takes every row's best 256 logits with
+lax.top_k (XLA's partial sort); greedy is the first of them, and top-k / top-p sample among them
+whenever the kept set lies inside them (almost always: a chat model's nucleus is rarely wider).
+Only otherwise is the vocabulary sorted: a full sort of 16 x 49k logits took longer than the
+model's whole decode step.
 """
 
 from __future__ import annotations
@@ -8,33 +12,74 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+CANDIDATES = 256
+
+
+def _cutoff(desc: jax.Array, log_norm: jax.Array, k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """The smallest kept value [B, 1], from a row's best scaled logits `desc` [B, m] in descending
+    order and the log of the softmax normaliser over its top-k set."""
+    in_k = jnp.arange(desc.shape[-1]) < k
+    probs = jnp.where(in_k, jnp.exp(desc - log_norm), 0.0)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    # top_p >= 1 keeps all: f32 cumulative sums can reach 1 before the tail of the vocabulary.
+    keep = in_k & (((jnp.cumsum(probs, axis=-1) - probs) < top_p) | (top_p >= 1))
+    return jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+
+
+def _effective_k(top_k: jax.Array, vocab: int) -> jax.Array:
+    return jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array) -> jax.Array:
-    """Scaled logits with every token outside the top-k / top-p set at -inf.
+    """Scaled logits with every token outside the top-k / top-p set at -inf (sorts the vocabulary).
 
     top_k = 0 and top_p = 1 disable their filter. Ties at a cut-off are kept.
     """
     x = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
     vocab = x.shape[-1]
+    k = _effective_k(top_k, vocab)
     desc = -jnp.sort(-x, axis=-1)
-    rank = jnp.arange(vocab)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    desc = jnp.where(rank < k, desc, -jnp.inf)
-    probs = jax.nn.softmax(desc, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    # top_p >= 1 keeps all: f32 cumulative sums can reach 1 before the tail of the vocabulary.
-    keep = ((jnp.cumsum(probs, axis=-1) - probs) < top_p) | (top_p >= 1)
-    cutoff = jnp.min(jnp.where(keep & (rank < k), desc, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(x >= cutoff, x, -jnp.inf)
+    log_norm = jax.nn.logsumexp(jnp.where(jnp.arange(vocab) < k, desc, -jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(x >= _cutoff(desc, log_norm, k, top_p), x, -jnp.inf)
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array) -> jax.Array:
-    """One token id per row of `logits` [B, V]; temperature <= 0 means greedy."""
-    return jax.lax.cond(
-        temperature <= 0,
-        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
-        lambda: jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)
-                                       ).astype(jnp.int32),
-    )
+           top_p: jax.Array, candidates: int = CANDIDATES) -> jax.Array:
+    """One token id per row of `logits` [B, V]; temperature <= 0 means greedy.
+
+    Draws exactly from the top-k / top-p filtered distribution of `filter_logits`, among each row's
+    best `candidates` tokens when the kept set lies within them.
+    """
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    m = min(candidates, vocab)
+    # At the top level: inside a lax.cond branch XLA:CPU lowers top_k to a full sort.
+    best, best_ids = jax.lax.top_k(logits, m)
+
+    def sampled() -> jax.Array:
+        t = jnp.maximum(temperature, 1e-6)
+        x_best = best / t
+        k = _effective_k(top_k, vocab)
+        no_filter = (top_p >= 1) & (k >= vocab)
+        whole = jax.nn.logsumexp(logits / t, axis=-1, keepdims=True)
+        in_k = jnp.arange(m) < k
+        log_norm = jnp.where(k >= vocab, whole,
+                             jax.nn.logsumexp(jnp.where(in_k, x_best, -jnp.inf), axis=-1, keepdims=True))
+        cutoff = _cutoff(x_best, log_norm, k, top_p)
+        # The candidates decide the set: it is the top-k (k <= m), or, without top-k, the nucleus
+        # ends before the last candidate.
+        decided = ~no_filter & ((k <= m) | ((k >= vocab) & (cutoff[:, 0] > x_best[:, -1])))
+
+        def among_candidates() -> jax.Array:
+            choice = jax.random.categorical(key, jnp.where(x_best >= cutoff, x_best, -jnp.inf))
+            return jnp.take_along_axis(best_ids, choice[:, None], axis=1)[:, 0]
+
+        def whole_vocabulary() -> jax.Array:
+            x = jax.lax.cond(no_filter, lambda: logits / t,
+                             lambda: filter_logits(logits, temperature, top_k, top_p))
+            return jax.random.categorical(key, x).astype(jnp.int32)
+
+        return jax.lax.cond(jnp.all(decided), among_candidates, whole_vocabulary)
+
+    return jax.lax.cond(temperature <= 0, lambda: best_ids[:, 0], sampled).astype(jnp.int32)

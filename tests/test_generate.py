@@ -47,15 +47,43 @@ def _allowed(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -
     return set(keep[:min(n, len(keep))].tolist())
 
 
+# Vocabulary 2000, rows 0, 1, 3 peaked and row 2 nearly flat: the cut-off is found among the best
+# 256 candidates (top_k <= 256, narrow nuclei), or needs the sorted row (top_k in (256, 2000), the
+# flat row's nucleus), or there is no filter at all.
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, 1.0), (0.7, 0, 0.6), (1.5, 10, 0.5),
-                                                     (1.0, 0, 1.0)])
+                                                     (1.0, 0, 1.0), (1.0, 256, 1.0), (1.0, 500, 1.0),
+                                                     (1.0, 500, 0.9), (2.0, 0, 0.95), (1.0, 40, 0.99)])
 def test_filter_allows_exactly_the_top_k_top_p_set(temperature, top_k, top_p):
-    logits = np.random.default_rng(0).normal(size=(4, 200)).astype(np.float32) * 3
+    scale = np.array([[3.0], [3.0], [0.05], [3.0]], np.float32)
+    logits = np.random.default_rng(0).normal(size=(4, 2000)).astype(np.float32) * scale
     out = np.asarray(filter_logits(jnp.asarray(logits), jnp.float32(temperature), jnp.int32(top_k),
                                    jnp.float32(top_p)))
     for row in range(4):
         assert set(np.flatnonzero(np.isfinite(out[row])).tolist()) == \
             _allowed(logits[row], temperature, top_k, top_p)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, 1.0), (0.7, 0, 0.6), (1.0, 500, 0.9),
+                                                     (2.0, 0, 0.95), (1.0, 0, 1.0)])
+def test_sampling_among_the_best_candidates_is_exact(temperature, top_k, top_p):
+    """sample() draws among the best 256 tokens when they hold the kept set, else from the whole
+    filtered vocabulary: always inside the allowed set, and as often beyond the best 256 as the
+    filtered distribution says (which drawing from the candidates alone would get wrong)."""
+    scale = np.array([[3.0], [3.0], [0.05], [3.0]], np.float32)
+    logits = np.random.default_rng(0).normal(size=(4, 2000)).astype(np.float32) * scale
+    draw = jax.jit(jax.vmap(lambda k: sample(jnp.asarray(logits), k, jnp.float32(temperature),
+                                             jnp.int32(top_k), jnp.float32(top_p))))
+    n = 4000
+    tokens = np.asarray(draw(jax.random.split(jax.random.PRNGKey(0), n)))  # [n, 4]
+    for row in range(4):
+        allowed = np.array(sorted(_allowed(logits[row], temperature, top_k, top_p)))
+        assert set(np.unique(tokens[:, row]).tolist()) <= set(allowed.tolist())
+        p = np.exp((logits[row, allowed] - logits[row, allowed].max()) / temperature)
+        p /= p.sum()
+        beyond = np.isin(allowed, np.argsort(-logits[row])[256:])
+        expected = p[beyond].sum()
+        got = np.isin(tokens[:, row], allowed[beyond]).mean()
+        assert abs(got - expected) <= 4 * np.sqrt(expected * (1 - expected) / n) + 0.01, (row, got, expected)
 
 
 def test_samples_stay_in_allowed_set_and_follow_the_distribution():
