@@ -83,9 +83,11 @@ def trainable_of(params: Params) -> Trainable:
 
 
 def merge(trainable: Trainable, params: Params) -> Params:
-    """`params` with its SwiftKV weights replaced by `trainable` (other leaves shared, not copied)."""
+    """`params` with its SwiftKV weights replaced by `trainable` (other leaves shared, not copied),
+    cast to the dtype of the weights they replace (the train state keeps float32 masters)."""
     L = params.config.num_key_value_layers
     w = params.weights
+    trainable = jax.tree.map(lambda t, p: t.astype(p.dtype), trainable, trainable_of(params))
     layers = list(w["layers"][:L]) + [dict(layer, q_proj_swiftkv=q)
                                       for layer, q in zip(w["layers"][L:], trainable["q_proj"])]
     swiftkv = {"norm": {"weight": trainable["norm"]}, "k_proj": trainable["k_proj"],
@@ -139,8 +141,10 @@ def make_optimizer(config: DistillConfig, total_steps: int) -> optax.GradientTra
 
 
 def init_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
-    """Step 0: the SwiftKV weights of `params` and optimizer state for them only."""
-    trainable = jax.tree.map(jnp.array, trainable_of(params))  # own buffers: the step donates them
+    """Step 0: the SwiftKV weights of `params` in float32 (bf16 params would round small Adam
+    updates away) and optimizer state for them only."""
+    # Own buffers (the step donates them), float32 whatever the params' dtype.
+    trainable = jax.tree.map(lambda x: jnp.array(x, jnp.float32), trainable_of(params))
     return {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
             "opt_state": optimizer.init(trainable)}
 

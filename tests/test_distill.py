@@ -101,6 +101,26 @@ def test_optimizer_state_exists_only_for_trainable_params():
     assert n_trainable < params.num_parameters() / 4
 
 
+def test_bfloat16_params_train_float32_masters(tmp_path):
+    """bf16 weights (the GPU/TPU default) keep float32 SwiftKV masters and Adam moments, so updates
+    below bf16's resolution add up instead of rounding away; the result comes back in bf16."""
+    params = tiny_swiftkv().astype(jnp.bfloat16)
+    cfg = config(learning_rate=1e-6)
+    optimizer = D.make_optimizer(cfg, 8)
+    state = D.init_state(params, optimizer)
+    assert {x.dtype for x in jax.tree.leaves(state["opt_state"]) if x.ndim} == {jnp.dtype(jnp.float32)}
+    start = np.asarray(state["trainable"]["k_proj"], np.float32)
+    step = D.make_train_step(cfg, optimizer)
+    data = random_data()
+    for s in range(8):
+        state, _ = step(state, params, jax.tree.map(jnp.asarray, data.rows(D.batch_indices(s, data.num_rows, cfg))))
+    # Adam moves every weight by ~1e-6 a step: far below bf16's spacing (~4e-4 at these weights'
+    # size), so bf16 masters would not move at all.
+    assert (np.asarray(state["trainable"]["k_proj"]) != start).mean() > 0.9
+    run = D.distill(params, data, config(max_steps=2), tmp_path / "run", progress=False)
+    assert run.params.weights["swiftkv"]["k_proj"].dtype == jnp.bfloat16
+
+
 def test_interrupt_and_resume_equals_a_straight_run(tmp_path):
     params, data, cfg = tiny_swiftkv(), random_data(), config(max_steps=7)
     straight = D.distill(params, data, cfg, tmp_path / "a", save_every=2, progress=False)
