@@ -6,6 +6,7 @@ of the Hugging Face layout applies (as transformers' own GGUF loader does).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,9 @@ def tokenizer_from_gguf_metadata(path: str | Path) -> Any:
     tokens and chat template, without PyTorch (transformers' GGUF loader imports torch; the main
     job must run with jax alone). Uses transformers' GGUF tokenizer converters."""
     import gguf
+    # Without torch, importing transformers advises that "models won't be available": true and
+    # beside the point, as only its tokenizer is used. The user's own setting wins.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
         _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
@@ -112,12 +116,12 @@ def tokenizer_from_gguf_metadata(path: str | Path) -> Any:
 def load_gguf_tokenizer(path: str | Path) -> Any:
     """The tokenizer embedded in a GGUF file (None if neither way can build one): first from its
     metadata without torch, then through transformers' own GGUF loader (which needs torch)."""
-    from transformers import AutoTokenizer
     path = Path(path)
     try:
         return tokenizer_from_gguf_metadata(path)
     except Exception:  # an older/newer transformers without these converters
         pass
+    from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception:
