@@ -62,10 +62,12 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax
         x_best = best / t
         k = _effective_k(top_k, vocab)
         no_filter = (top_p >= 1) & (k >= vocab)
-        whole = jax.nn.logsumexp(logits / t, axis=-1, keepdims=True)
-        in_k = jnp.arange(m) < k
-        log_norm = jnp.where(k >= vocab, whole,
-                             jax.nn.logsumexp(jnp.where(in_k, x_best, -jnp.inf), axis=-1, keepdims=True))
+        # The softmax normaliser of the top-k set: the candidates' own unless there is no top-k
+        # (only then is a pass over the whole vocabulary needed).
+        log_norm = jax.lax.cond(
+            k >= vocab, lambda: jax.nn.logsumexp(logits / t, axis=-1, keepdims=True),
+            lambda: jax.nn.logsumexp(jnp.where(jnp.arange(m) < k, x_best, -jnp.inf), axis=-1,
+                                     keepdims=True))
         cutoff = _cutoff(x_best, log_norm, k, top_p)
         # The candidates decide the set: it is the top-k (k <= m), or, without top-k, the nucleus
         # ends before the last candidate.
