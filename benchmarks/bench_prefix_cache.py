@@ -17,7 +17,6 @@ Run: PYTHONPATH=. .venv/bin/python benchmarks/bench_prefix_cache.py   (about 5 m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -30,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import swiftkv_jax as sk  # noqa: E402
-from bench_generate import CpuShare, log  # noqa: E402
+from common import RESULTS_DIR, CpuShare, emptied, log  # noqa: E402
 from swiftkv_jax.generate import prefill, prefill_bucket  # noqa: E402
 
 FLOOR_SHARED_SPEEDUP = 5.0
@@ -106,7 +105,7 @@ def no_overlap(params, cache, args, rng) -> dict[str, Any]:
         with_index.append(t)
         x = np.zeros((cache.batch_size, bucket), np.int32)
         x[0, :length] = p
-        cache = dataclasses.replace(cache, lengths=jnp.zeros_like(cache.lengths))
+        cache = emptied(cache)
         start = time.perf_counter()
         logits, cache = prefill(params, cache, jnp.asarray(x), jnp.asarray([length], jnp.int32))
         logits.block_until_ready()
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=4, help="tokens generated per request in (a), (c)")
     p.add_argument("--layers", type=int, default=15, help="SwiftKV num_key_value_layers")
     p.add_argument("--pool-blocks", type=int, default=256)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     cpu = CpuShare()
     cpu.start()

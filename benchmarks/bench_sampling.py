@@ -10,11 +10,14 @@ sampled / greedy decode tokens/s (a full 49k-token sort per step made it 0.46 at
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-import swiftkv_jax as sk
-from swiftkv_jax import data
-from swiftkv_jax.cli import _enable_compilation_cache
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import swiftkv_jax as sk  # noqa: E402
+from common import RESULTS_DIR  # noqa: E402
+from swiftkv_jax import data  # noqa: E402
+from swiftkv_jax.compile_cache import enable_compilation_cache  # noqa: E402
 
 SETTINGS = {"greedy": dict(temperature=0.0), "temperature 0.7": dict(temperature=0.7),
             "top-p 0.9": dict(temperature=0.7, top_p=0.9), "top-k 50": dict(temperature=0.7, top_k=50)}
@@ -41,7 +44,7 @@ def decode_tokens_per_s(params, tokenizer, batch: int, new_tokens: int = 64) -> 
 
 
 def main() -> None:
-    _enable_compilation_cache()
+    enable_compilation_cache()
     params, tokenizer = sk.load(None, progress=False)
     rows = {batch: decode_tokens_per_s(params, tokenizer, batch) for batch in (1, 16)}
     print("| batch | " + " | ".join(SETTINGS) + " |")
@@ -49,7 +52,7 @@ def main() -> None:
     for batch, r in rows.items():
         cells = [f"{r[n]:.1f} ({r[n] / r['greedy']:.2f}x)" for n in SETTINGS]
         print(f"| {batch} | " + " | ".join(cells) + " |")
-    Path("benchmarks/results/sampling.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS_DIR / "sampling.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

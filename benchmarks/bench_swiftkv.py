@@ -21,8 +21,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import swiftkv_jax as sk  # noqa: E402
-from bench_generate import (CpuShare, log, matmul_flops, ours_decode, ours_prefill,  # noqa: E402
-                            read_bandwidth)
+from common import (RESULTS_DIR, CpuShare, log, matmul_flops, ours_decode, ours_prefill,  # noqa: E402
+                    read_bandwidth)
 
 FLOOR_PREFILL_SPEEDUP = 1.7  # at 1024 and 2048 tokens
 FLOOR_DECODE_RATIO = 0.9  # SwiftKV decode within 10% of SwiftKV off
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=15, help="num_key_value_layers L")
     p.add_argument("--groups", type=int, nargs="+", default=[1, 3], help="AcrossKV group sizes")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     cpu = CpuShare()
     cpu.start()

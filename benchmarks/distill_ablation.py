@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import swiftkv_jax as sk
-from swiftkv_jax import data
-from swiftkv_jax import distill as ds
-from swiftkv_jax.cli import _enable_compilation_cache
-from swiftkv_jax.evaluate import evaluate, format_table
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import swiftkv_jax as sk  # noqa: E402
+from common import RESULTS_DIR  # noqa: E402
+from swiftkv_jax import data  # noqa: E402
+from swiftkv_jax import distill as ds  # noqa: E402
+from swiftkv_jax.compile_cache import enable_compilation_cache  # noqa: E402
+from swiftkv_jax.evaluate import evaluate, format_table  # noqa: E402
 
 
 def main() -> None:
@@ -30,10 +33,10 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a SwiftKV model (e.g. a distill run's model/)")
     parser.add_argument("--data", required=True, help="chat JSONL (e.g. the self-distillation cache)")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--out", default="benchmarks/results/distill_ablation.json")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "distill_ablation.json"))
     parser.add_argument("settings", nargs="+", metavar="LR:MSE:TAU")
     args = parser.parse_args()
-    _enable_compilation_cache()
+    enable_compilation_cache()
     params, tokenizer = sk.load(args.model, progress=False)
     train, held = data.split_held_out(data.read_examples(args.data), 10.0)
     packed = data.pack(tokenizer, train, 240)

@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from .kv_access import LayerKV, PagedKV
 from .params import Params
 from .prefix_cache import PrefixIndex, empty_index
 
@@ -75,6 +76,24 @@ class KVCache:
         slots = self.block_table[:, :, None] * self.block_size + offsets
         return slots.reshape(self.batch_size, -1)
 
+    def placement(self, q_pos: jax.Array, valid: jax.Array) -> PagedKV:
+        """Where a chunk at positions `q_pos` [B, T] goes (`valid`: real tokens, not padding) and
+        what its rows read: the PagedKV every layer of one forward pass shares."""
+        read_slots = self.token_slots()
+        in_range = valid & (q_pos < self.max_length)
+        slots = jnp.take_along_axis(read_slots, jnp.minimum(q_pos, self.max_length - 1), 1)
+        return PagedKV(jnp.where(in_range, slots, self.num_slots),  # padding: dropped
+                       self.block_table, self.block_size)
+
+    def layer_states(self) -> list[LayerKV]:
+        """The (k, v) pools of every cache layer slot, to thread through the layers."""
+        return list(zip(self.k, self.v))
+
+    def advanced(self, states: list[LayerKV], num_new: jax.Array) -> "KVCache":
+        """This cache with the layers' new pools and each row `num_new` tokens longer."""
+        return dataclasses.replace(self, k=[k for k, _ in states], v=[v for _, v in states],
+                                   lengths=jnp.minimum(self.lengths + num_new, self.max_length))
+
     def stats(self) -> dict[str, int | float]:
         """Prefix-cache counters: query/hit tokens, blocks in use/cached/free, evictions."""
         from .prefix_cache import stats
@@ -98,7 +117,7 @@ def init_cache(params: Params, batch_size: int, max_length: int, *,
     default: one full row per batch row). Blocks beyond what the current request needs keep
     earlier prompts' KV for reuse (the prefix cache). Layer slots are L + (N - L) / g.
     With a `mesh` (default: the mesh `params` are sharded on, if any), the pools are created
-    sharded in place (kv heads over "model"; see sharding.py) and the block table and lengths
+    sharded in place (kv heads over "model"; see partitioning.py) and the block table and lengths
     split over "data".
     """
     if batch_size < 1:
@@ -124,7 +143,7 @@ def init_cache(params: Params, batch_size: int, max_length: int, *,
             mesh = sharding.mesh
     zeros = jnp.zeros
     if mesh is not None:  # each device allocates only its shard of the pools
-        from .sharding import pool_spec, sharded_zeros
+        from .partitioning import pool_spec, sharded_zeros
         spec = jax.sharding.NamedSharding(mesh, pool_spec(shape[0], mesh, pool_over_data, shape[1]))
         zeros = lambda shape, dtype: sharded_zeros(shape, dtype, spec)
     pools = lambda: [zeros(shape, dtype) for _ in range(cfg.num_cache_layers)]
@@ -132,6 +151,6 @@ def init_cache(params: Params, batch_size: int, max_length: int, *,
                     lengths=jnp.zeros((batch_size,), jnp.int32),
                     index=empty_index(num_blocks, block_size, hash_mask), block_size=block_size)
     if mesh is not None:
-        from .sharding import shard_cache
+        from .partitioning import shard_cache
         cache = shard_cache(cache, mesh, pool_over_data)
     return cache

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,27 +11,9 @@ from typing import Any, Sequence
 DTYPES = ("auto", "float32", "bfloat16")
 
 
-def _enable_compilation_cache() -> None:
-    """Compiled programs persist between runs, so only the first run of a shape pays compilation."""
-    import jax
-    cache = Path(os.environ.get("SWIFTKV_JAX_CACHE", Path.home() / ".cache" / "swiftkv-jax" / "xla"))
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def _dtype(name: str) -> Any:
     import jax.numpy as jnp
     return None if name == "auto" else jnp.dtype(name)
-
-
-def encode_prompt(tokenizer: Any, text: str, chat: bool, system: str | None = None) -> list[int]:
-    """Token ids of `text`, wrapped in the tokenizer's chat template when it has one and `chat`."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system}] if system else []) + \
-            [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    return list(tokenizer.encode(text))
 
 
 def add_mesh_args(p: argparse.ArgumentParser) -> None:
@@ -50,7 +31,7 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
 
 def _mesh(args: argparse.Namespace) -> Any:
     """The mesh asked for on the command line (None: one device), joining the hosts first."""
-    from .sharding import initialize_distributed, make_mesh
+    from .mesh import initialize_distributed, make_mesh
     if args.distributed:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     return None if args.mesh is None else make_mesh(args.mesh)
@@ -60,7 +41,9 @@ def _load_with_tokenizer(args: argparse.Namespace, purpose: str, mesh: Any = Non
     """(params, tokenizer) of --model, with the compilation cache on; a model without a tokenizer
     is an error here (the Python API takes token ids)."""
     import swiftkv_jax as sk
-    _enable_compilation_cache()
+    from .compile_cache import enable_compilation_cache
+
+    enable_compilation_cache()
     params, tokenizer = sk.load(args.model, dtype=_dtype(args.dtype), mesh=mesh)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; {purpose} needs one to read text (convert "
@@ -71,6 +54,7 @@ def _load_with_tokenizer(args: argparse.Namespace, purpose: str, mesh: Any = Non
 def cmd_generate(args: argparse.Namespace) -> int:
     """`swiftkv-jax generate`: answers one prompt; reports time to first token and decode speed."""
     import swiftkv_jax as sk
+    from .tokenization import encode_prompt
 
     params, tokenizer = _load_with_tokenizer(args, "generate", mesh=_mesh(args))
     ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat_template, system=args.system)

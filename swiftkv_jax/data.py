@@ -23,6 +23,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .tokenization import encode_prompt, encode_text, has_chat_template, render_chat
+
 Message = dict[str, str]
 Example = dict[str, Any]  # {"messages": [...]} or {"text": "..."}
 
@@ -125,17 +127,6 @@ def read_examples(path: str | Path) -> list[Example]:
 
 # --- tokenising and packing ------------------------------------------------------------------
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
-
-
-def _render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool) -> str:
-    if not messages:
-        return ""
-    return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                         add_generation_prompt=generation_prompt)
-
-
 def encode_chat(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[int], list[bool]]:
     """(token ids, is-assistant flag per token) of a chat rendered with the chat template.
 
@@ -143,22 +134,22 @@ def encode_chat(tokenizer: Any, messages: Sequence[Message]) -> tuple[list[int],
     the prefix ending in the generation prompt and the prefix ending after the turn (its end
     token included, so the student learns where answers stop).
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         raise DataError("the tokenizer has no chat template; give plain text ({\"text\": ...}) instead")
     ids: list[int] = []
     flags: list[bool] = []
     done = ""
     for i, m in enumerate(messages):
-        start = _render(tokenizer, messages[:i], m["role"] == "assistant") if i else ""
+        start = render_chat(tokenizer, messages[:i], m["role"] == "assistant") if i else ""
         if m["role"] == "assistant" and i == 0:
-            start = _render(tokenizer, [], True)
-        end = _render(tokenizer, messages[:i + 1], False)
+            start = render_chat(tokenizer, [], True)
+        end = render_chat(tokenizer, messages[:i + 1], False)
         if not (start.startswith(done) and end.startswith(start)):
             raise DataError("the chat template does not render a conversation as a sequence of "
                             "turns (a prefix changed); use plain text for this tokenizer")
         for piece, is_assistant in ((start[len(done):], False),
                                     (end[len(start):], m["role"] == "assistant")):
-            piece_ids = _encode(tokenizer, piece)
+            piece_ids = encode_text(tokenizer, piece)
             ids += piece_ids
             flags += [is_assistant] * len(piece_ids)
         done = end
@@ -174,7 +165,7 @@ def encode_example(tokenizer: Any, example: Example, assistant_only: bool,
             raise DataError(f"{where}: the conversation has no assistant turn, but the loss is on "
                             "assistant tokens only (drop it or turn --assistant-only off)")
         return ids, (flags if assistant_only else [True] * len(ids))
-    ids = _encode(tokenizer, example["text"])
+    ids = encode_text(tokenizer, example["text"])
     eos = getattr(tokenizer, "eos_token_id", None)
     ids += [eos] if eos is not None else []
     return ids, [True] * len(ids)
@@ -307,7 +298,7 @@ def self_distillation_set(teacher: Any, tokenizer: Any, num_prompts: int = 480,
     prompts = sharegpt_prompts(num_prompts)
     todo = prompts[len(done):]
     path.parent.mkdir(parents=True, exist_ok=True)
-    encoded = [_encode(tokenizer, _render(tokenizer, [{"role": "user", "content": p}], True)) for p in todo]
+    encoded = [encode_prompt(tokenizer, p) for p in todo]
     cache = init_cache(teacher, batch_size, max(map(len, encoded)) + max_new_tokens)
     bar = tqdm(total=len(prompts), initial=len(done), desc="teacher answers", unit="prompt",
                disable=not progress)

@@ -23,12 +23,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from . import sharding
+from . import partitioning
 from .data import Packed
 from .model import lower_hidden, upper_logits
-from .params import Params
+from .params import Params, Trainable, merge, trainable_of
 
-Trainable = dict[str, Any]
 TrainState = dict[str, Any]  # {"step": int32 [], "trainable": Trainable, "opt_state": ...}
 
 
@@ -69,30 +68,11 @@ class DistillConfig:
         return max(1, int(self.epochs * num_rows) // (self.batch_size * self.grad_accum))
 
 
-# --- trainable / frozen ----------------------------------------------------------------------
+# --- trainable / frozen: params.trainable_of and params.merge (the schema marks what trains) ---
 
-def trainable_of(params: Params) -> Trainable:
-    """The SwiftKV weights: norm_swiftkv, every q_proj_swiftkv, the group leaders' k/v_proj."""
-    cfg = params.config
-    if not cfg.swiftkv:
-        raise ValueError("these params are a plain Llama (L = N): convert them with to_swiftkv first")
-    sw = params.weights["swiftkv"]
-    return {"norm": sw["norm"]["weight"],
-            "q_proj": [layer["q_proj_swiftkv"] for layer in params.weights["layers"][cfg.num_key_value_layers:]],
-            "k_proj": sw["k_proj"], "v_proj": sw["v_proj"]}
-
-
-def merge(trainable: Trainable, params: Params) -> Params:
-    """`params` with its SwiftKV weights replaced by `trainable` (other leaves shared, not copied),
-    cast to the dtype of the weights they replace (the train state keeps float32 masters)."""
-    L = params.config.num_key_value_layers
-    w = params.weights
-    trainable = jax.tree.map(lambda t, p: t.astype(p.dtype), trainable, trainable_of(params))
-    layers = list(w["layers"][:L]) + [dict(layer, q_proj_swiftkv=q)
-                                      for layer, q in zip(w["layers"][L:], trainable["q_proj"])]
-    swiftkv = {"norm": {"weight": trainable["norm"]}, "k_proj": trainable["k_proj"],
-               "v_proj": trainable["v_proj"]}
-    return Params(dict(w, layers=layers, swiftkv=swiftkv), params.config)
+__all__ = ["DistillConfig", "RunError", "RunResult", "Trainable", "distill", "distill_loss",
+           "init_state", "make_optimizer", "make_schedule", "make_train_step", "merge",
+           "trainable_of"]
 
 
 # --- loss ------------------------------------------------------------------------------------
@@ -274,17 +254,23 @@ def distill(params: Params, data: Packed, config: DistillConfig, out: str | Path
     resuming = prepare_run_folder(out, identity, resume, overwrite)
     optimizer = make_optimizer(config, total)
     if mesh is not None:
-        params = sharding.shard_params(params, mesh)
+        params = partitioning.shard_params(params, mesh)
     state = init_state(params, optimizer)
     if mesh is not None:
-        state = jax.device_put(state, sharding.train_state_shardings(state, mesh))
+        state = jax.device_put(state, partitioning.train_state_shardings(state, mesh))
     manager = _checkpoint_manager(out / "checkpoints", save_every, keep)
     start = 0
     if resuming and manager.latest_step() is not None:
         import orbax.checkpoint as ocp
         start = int(manager.latest_step())
-        target = sharding.restore_target(state, jax.tree.map(lambda x: x.sharding, state))
-        state = manager.restore(start, args=ocp.args.StandardRestore(target))
+        target = partitioning.restore_target(state, jax.tree.map(lambda x: x.sharding, state))
+        try:
+            state = manager.restore(start, args=ocp.args.StandardRestore(target))
+        except (ValueError, KeyError, TypeError) as e:  # e.g. a state saved by an older layout
+            raise RunError(f"the checkpoint of step {start} in {out / 'checkpoints'} does not match "
+                           f"this run's train state ({type(e).__name__}: {str(e)[:200]}); it was "
+                           "probably written by another version: pass --overwrite to start again"
+                           ) from None
     log_path = out / "metrics.jsonl"
     lines = _log_lines(log_path, start)
     log_path.write_text("".join(ln + "\n" for ln in lines))
@@ -299,7 +285,7 @@ def distill(params: Params, data: Packed, config: DistillConfig, out: str | Path
             t0 = time.perf_counter()
             batch = data.rows(batch_indices(s, data.num_rows, config))
             batch = jax.tree.map(jnp.asarray, batch) if mesh is None else \
-                sharding.shard_batch(batch, mesh, batch_axis=1)
+                partitioning.shard_batch(batch, mesh, batch_axis=1)
             state, metrics = step_fn(state, params, batch)
             metrics = {k: float(v) for k, v in metrics.items()}
             dt = time.perf_counter() - t0

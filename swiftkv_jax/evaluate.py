@@ -17,6 +17,7 @@ import numpy as np
 from .data import Packed
 from .model import lower_hidden, upper_logits
 from .params import Params
+from .tokenization import encode_prompt
 
 METRICS = ("kl", "top1", "ppl_student", "ppl_teacher")
 
@@ -60,7 +61,6 @@ def evaluate(params: Params, data: Packed, batch_size: int = 4) -> dict[str, flo
 def side_by_side(params: Params, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64
                  ) -> list[dict[str, str]]:
     """Greedy answers of the teacher (SwiftKV off) and the student to chat `prompts`."""
-    from .cli import encode_prompt
     from .generate import generate
     from .swiftkv import swiftkv_off
 

@@ -20,7 +20,7 @@ from .cache import KVCache, init_cache
 from .model import forward
 from .params import Params
 from .prefix_cache import admit, register, weights_namespace
-from .sampling import sample
+from .sampling import SamplingParams, sample
 
 MIN_BUCKET = 16
 MAX_STOP_IDS = 8  # stop ids are padded to this many so their number never recompiles
@@ -46,10 +46,33 @@ def prefill(params: Params, cache: KVCache, tokens: jax.Array, num_new: jax.Arra
 namespace_of = jax.jit(weights_namespace)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """The state of the decode while_loop (all arrays, B = cache rows).
+
+    step:   loop iteration; token `step` of every row's output is written next
+    token:  [B] each row's last sampled token (the next step's input)
+    done:   [B] rows that stopped (stop id, max_new_tokens, full cache, or batch padding)
+    out:    [B, max_length] generated tokens, 0 after a row's end
+    counts: [B] real tokens generated per row
+    cache:  the KV cache, threaded through every step
+    key:    the PRNG key of the next draw
+    """
+
+    step: jax.Array
+    token: jax.Array
+    done: jax.Array
+    out: jax.Array
+    counts: jax.Array
+    cache: KVCache
+    key: jax.Array
+
+
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def decode(params: Params, cache: KVCache, logits: jax.Array, active: jax.Array, key: jax.Array,
-           max_new_tokens: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array, stop_ids: jax.Array) -> tuple[jax.Array, jax.Array, KVCache]:
+           max_new_tokens: jax.Array, sampling: SamplingParams, stop_ids: jax.Array
+           ) -> tuple[jax.Array, jax.Array, KVCache]:
     """Samples up to `max_new_tokens` per row from the prefill `logits`, in one while_loop.
 
     Returns tokens [B, cache.max_length] (the first `counts[b]` are real), counts [B], cache.
@@ -58,30 +81,27 @@ def decode(params: Params, cache: KVCache, logits: jax.Array, active: jax.Array,
     """
     batch, capacity = cache.batch_size, cache.max_length
 
-    def emit(state, logits):
-        step, _, done, out, counts, cache, key = state
-        key, sub = jax.random.split(key)
-        tok = sample(logits, sub, temperature, top_k, top_p)
-        done = done | jnp.isin(tok, stop_ids)
-        out = out.at[:, step].set(jnp.where(done, 0, tok))
-        counts = counts + (~done)
-        done = done | (counts >= max_new_tokens) | (cache.lengths >= capacity)
-        return step + 1, tok, done, out, counts, cache, key
+    def emit(s: DecodeState, logits: jax.Array) -> DecodeState:
+        key, sub = jax.random.split(s.key)
+        tok = sample(logits, sub, sampling)
+        done = s.done | jnp.isin(tok, stop_ids)
+        out = s.out.at[:, s.step].set(jnp.where(done, 0, tok))
+        counts = s.counts + (~done)
+        done = done | (counts >= max_new_tokens) | (s.cache.lengths >= capacity)
+        return DecodeState(s.step + 1, tok, done, out, counts, s.cache, key)
 
-    def cond(state):
-        step, _, done, *_ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
+    def cond(s: DecodeState) -> jax.Array:
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
-    def body(state):
-        step, tok, done, out, counts, cache, key = state
-        logits, cache = forward(params, cache, tok[:, None], (~done).astype(jnp.int32))
-        return emit((step, tok, done, out, counts, cache, key), logits)
+    def body(s: DecodeState) -> DecodeState:
+        logits, cache = forward(params, s.cache, s.token[:, None], (~s.done).astype(jnp.int32))
+        return emit(dataclasses.replace(s, cache=cache), logits)
 
-    state = (jnp.int32(0), jnp.zeros((batch,), jnp.int32), ~active,
-             jnp.zeros((batch, capacity), jnp.int32), jnp.zeros((batch,), jnp.int32), cache, key)
-    state = jax.lax.while_loop(cond, body, emit(state, logits))
-    _, _, _, out, counts, cache, _ = state
-    return out, counts, cache
+    start = DecodeState(jnp.int32(0), jnp.zeros((batch,), jnp.int32), ~active,
+                        jnp.zeros((batch, capacity), jnp.int32), jnp.zeros((batch,), jnp.int32),
+                        cache, key)
+    end = jax.lax.while_loop(cond, body, emit(start, logits))
+    return end.out, end.counts, end.cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,8 +240,8 @@ def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: i
     stop_arr[:len(stop)] = stop
     out, counts, cache = decode(
         params, cache, logits, jnp.asarray(req.lengths > 0), jax.random.PRNGKey(seed),
-        jnp.int32(max_new_tokens), jnp.float32(temperature), jnp.int32(top_k),
-        jnp.float32(top_p), jnp.asarray(stop_arr))
+        jnp.int32(max_new_tokens), SamplingParams.make(temperature, top_k, top_p),
+        jnp.asarray(stop_arr))
     out, counts = _to_host(out), _to_host(counts)
     if timings is not None:
         timings["decode_s"] = time.perf_counter() - t0

@@ -14,26 +14,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
-from .params import Params
+from .params import HEADS, KV_HEADS, SCHEMA, Params, TensorKind
 from .weights import WeightsError, params_from_tensors
 
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
-                 "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
-_LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+def _gguf_to_hf() -> tuple[dict[str, TensorKind], dict[str, TensorKind]]:
+    """llama.cpp name -> schema kind, for model-level and per-layer ("blk.{i}.") names."""
+    model = {k.gguf: k for k in SCHEMA if k.gguf and k.where == "model"}
+    layer = {k.gguf.split(".", 2)[2]: k for k in SCHEMA if k.gguf and k.where != "model"}
+    return model, layer
+
+
+def _kind_of(gguf_name: str) -> tuple[TensorKind, int | None] | None:
+    model, layer = _gguf_to_hf()
+    if gguf_name in model:
+        return model[gguf_name], None
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in layer:
+        return layer[parts[2]], int(parts[1])
+    return None
 
 
 def hf_name(gguf_name: str) -> str | None:
     """The Hugging Face name of a GGUF tensor (None for tensors we do not use, e.g. rope_freqs)."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    return None
+    found = _kind_of(gguf_name)
+    return None if found is None else found[0].hf.format(i=found[1])
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -70,6 +75,7 @@ def load_gguf(path: str | Path, dtype: Any = jnp.float32, progress: bool = True)
     vocab = int(tensors["token_embd.weight"].shape[1])
     cfg = ModelConfig.from_gguf_metadata(meta, vocab, tie_word_embeddings="output.weight" not in tensors)
     by_hf = {hf_name(n): t for n, t in tensors.items() if hf_name(n) is not None}
+    heads = {HEADS: cfg.num_heads, KV_HEADS: cfg.num_kv_heads}
 
     def get(name: str) -> np.ndarray:
         t = by_hf[name]
@@ -79,11 +85,8 @@ def load_gguf(path: str | Path, dtype: Any = jnp.float32, progress: bool = True)
             raise WeightsError(f"GGUF tensor {t.name} has type {t.tensor_type.name}, which the gguf "
                                "package cannot dequantize; convert the model with another type") from None
         w = np.asarray(w, np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
-        if name.endswith("q_proj.weight"):
-            w = unpermute_qk(w, cfg.num_heads)
-        elif name.endswith("k_proj.weight"):
-            w = unpermute_qk(w, cfg.num_kv_heads)
-        return w
+        kind = _kind_of(t.name)[0]
+        return unpermute_qk(w, heads[kind.rope_heads]) if kind.rope_heads else w
 
     return params_from_tensors(cfg, get, by_hf.keys(), dtype, progress)
 

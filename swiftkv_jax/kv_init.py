@@ -14,24 +14,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .model import RMSNorm, _KVSource, _run_layers, lower_hidden
+from .kv_access import ChunkKV
+from .layers import attention_input, rms_norm, run_layers
+from .model import lower_hidden
 from .params import Params
 from .swiftkv import swiftkv_off
 
 
-def _layer_inputs(params: Params, tokens: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+def layer_inputs(params: Params, tokens: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
     """(s [B, T, D], the normed input x_l [B, T, D] of every layer l >= L on the base model's path)."""
     cfg = params.config
     teacher = swiftkv_off(params)
     h = lower_hidden(params, tokens)
-    eps = cfg.rms_norm_eps
-    s = RMSNorm(eps).apply({"params": params.weights["swiftkv"]["norm"]}, h)
+    s = rms_norm(h, params.weights["swiftkv"]["norm"]["weight"], cfg.rms_norm_eps)
     q_pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     inputs = []
     for i in range(cfg.num_key_value_layers, cfg.num_layers):
         layer = teacher.weights["layers"][i]
-        inputs.append(RMSNorm(eps).apply({"params": layer["input_layernorm"]}, h))
-        h, _ = _run_layers(teacher, _KVSource(None, q_pos, q_pos >= 0), h, q_pos, range(i, i + 1))
+        inputs.append(attention_input(layer, cfg, h))
+        h, _, _ = run_layers([layer], cfg, h, q_pos, ChunkKV(q_pos), [None])
     return s, inputs
 
 
@@ -46,7 +47,7 @@ def fit_swiftkv_kv(params: Params, tokens: np.ndarray, weights: np.ndarray | Non
     layers = params.weights["layers"]
     gram = np.zeros((d, d))
     cross = {name: np.zeros((G, d, cfg.num_kv_heads * cfg.head_dim)) for name in ("k_proj", "v_proj")}
-    collect = jax.jit(_layer_inputs)
+    collect = jax.jit(layer_inputs)
     for start in range(0, len(tokens), batch_size):
         s, xs = collect(params, jnp.asarray(tokens[start:start + batch_size]))
         keep = (np.ones(s.shape[:2], bool) if weights is None

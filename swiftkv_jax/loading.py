@@ -86,6 +86,6 @@ def load(path: str | Path | None = None, dtype: Any = None, progress: bool = Tru
     else:
         params = load_hf_folder(path, dtype, progress)
     if mesh is not None and not is_checkpoint(path):
-        from .sharding import shard_params
+        from .partitioning import shard_params
         params = shard_params(params, mesh)
     return params, (load_tokenizer(path) if tokenizer else None)

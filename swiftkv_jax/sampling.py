@@ -9,10 +9,28 @@ model's whole decode step.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 CANDIDATES = 256
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings as traced arrays (scalars, or one value per row [B]): new values never
+    recompile. temperature 0 = greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+
+    @classmethod
+    def make(cls, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> "SamplingParams":
+        """Scalar settings as the arrays the jitted steps take."""
+        return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
 
 
 def _cutoff(desc: jax.Array, log_norm: jax.Array, k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -44,13 +62,14 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
     return jnp.where(x >= _cutoff(desc, log_norm, k, top_p), x, -jnp.inf)
 
 
-def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array, candidates: int = CANDIDATES) -> jax.Array:
+def sample(logits: jax.Array, key: jax.Array, settings: SamplingParams,
+           candidates: int = CANDIDATES) -> jax.Array:
     """One token id per row of `logits` [B, V]; temperature <= 0 means greedy.
 
     Draws exactly from the top-k / top-p filtered distribution of `filter_logits`, among each row's
     best `candidates` tokens when the kept set lies within them.
     """
+    temperature, top_k, top_p = settings.temperature, settings.top_k, settings.top_p
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
     m = min(candidates, vocab)

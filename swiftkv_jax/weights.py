@@ -7,9 +7,7 @@ and a reshape per tensor.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -22,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .config import ModelConfig
-from .params import Params
+from .params import Params, Tensor, empty_weights, get_path, set_path, tensors
 
 PARAMS_SUBDIR = "params"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -33,89 +31,7 @@ class WeightsError(ValueError):
     """Weights that are missing, mis-shaped or in a format this library cannot read."""
 
 
-# -- HF names <-> our pytree ---------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Tensor:
-    """One tensor in our layout: key path, shape, and how many leading axes are its input side.
-
-    HF stores Linear weights as [out, in]; `linear=False` tensors (norms, the embedding table)
-    have the same layout in both.
-    """
-
-    path: str
-    shape: tuple[int, ...]
-    in_axes: int = 1
-    linear: bool = True
-
-    @property
-    def matrix(self) -> tuple[int, int]:
-        """Our layout flattened to [in, out]."""
-        return (math.prod(self.shape[:self.in_axes]), math.prod(self.shape[self.in_axes:]))
-
-    @property
-    def hf_shape(self) -> tuple[int, ...]:
-        return self.matrix[::-1] if self.linear else self.shape
-
-    def from_hf(self, w: np.ndarray) -> np.ndarray:
-        return w.T.reshape(self.shape) if self.linear else w
-
-    def to_hf(self, x: np.ndarray) -> np.ndarray:
-        return x.reshape(self.matrix).T if self.linear else x
-
-
-def _layer_tensors(cfg: ModelConfig) -> dict[str, _Tensor]:
-    """Per-layer HF tensor suffix -> our tensor."""
-    d, f, h, k, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                      cfg.head_dim)
-    return {
-        "input_layernorm.weight": _Tensor("input_layernorm/weight", (d,), linear=False),
-        "post_attention_layernorm.weight": _Tensor("post_attention_layernorm/weight", (d,), linear=False),
-        "self_attn.q_proj.weight": _Tensor("q_proj", (d, h, hd)),
-        "self_attn.k_proj.weight": _Tensor("k_proj", (d, k, hd)),
-        "self_attn.v_proj.weight": _Tensor("v_proj", (d, k, hd)),
-        "self_attn.o_proj.weight": _Tensor("o_proj", (h, hd, d), in_axes=2),
-        "mlp.gate_proj.weight": _Tensor("mlp/gate_proj", (d, f)),
-        "mlp.up_proj.weight": _Tensor("mlp/up_proj", (d, f)),
-        "mlp.down_proj.weight": _Tensor("mlp/down_proj", (f, d)),
-        "self_attn.q_proj_swiftkv.weight": _Tensor("q_proj_swiftkv", (d, h, hd)),
-    }
-
-
-def _global_tensors(cfg: ModelConfig) -> dict[str, _Tensor]:
-    """Tensors outside the layer stacks (SwiftKV K/V are per group leader, stacked on axis 0)."""
-    d = cfg.hidden_size
-    out = {"model.embed_tokens.weight": _Tensor("embed_tokens", (cfg.vocab_size, d), linear=False),
-           "model.norm.weight": _Tensor("norm/weight", (d,), linear=False)}
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = _Tensor("lm_head", (d, cfg.vocab_size))
-    if cfg.swiftkv:
-        out["model.norm_swiftkv.weight"] = _Tensor("swiftkv/norm/weight", (d,), linear=False)
-    return out
-
-
-def _set(tree: dict, path: str, value: Any) -> None:
-    *parents, leaf = path.split("/")
-    for p in parents:
-        tree = tree.setdefault(p, {})
-    tree[leaf] = value
-
-
-def _get(tree: dict, path: str) -> Any:
-    for p in path.split("/"):
-        tree = tree[p]
-    return tree
-
-
-def _is_optional(cfg: ModelConfig, layer: int, suffix: str) -> bool:
-    """The original q/k/v of SwiftKV layers >= L: kept for the teacher, unused at inference."""
-    return layer >= cfg.num_key_value_layers and suffix.split(".")[1] in ("q_proj", "k_proj", "v_proj")
-
-
-def _wanted(cfg: ModelConfig, layer: int, suffix: str) -> bool:
-    """q_proj_swiftkv exists only on SwiftKV layers (>= L); every other tensor on every layer."""
-    return layer >= cfg.num_key_value_layers or not suffix.startswith("self_attn.q_proj_swiftkv")
-
+# -- HF names <-> our pytree: both directions derived from params.SCHEMA ---------------------
 
 def params_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], names: Iterable[str],
                         dtype: Any = jnp.float32, progress: bool = True) -> Params:
@@ -130,54 +46,38 @@ def params_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], name
     bar = tqdm(total=len(names), desc="loading weights", unit="tensor", disable=not progress,
                leave=False)
 
-    def fetch(name: str, spec: _Tensor) -> np.ndarray:
+    def fetch(name: str, t: Tensor) -> np.ndarray:
         if name not in names:
             raise WeightsError(f"tensor {name!r} is missing from the checkpoint (its config needs it: "
                                f"{n} layers, hidden {cfg.hidden_size}, SwiftKV L={L}, g={g})")
         w = np.asarray(get(name))
-        if tuple(w.shape) != spec.hf_shape:
+        if tuple(w.shape) != t.hf_shape:
             raise WeightsError(f"tensor {name!r} has shape {tuple(w.shape)} but the config needs "
-                               f"{spec.hf_shape}; do config.json and the weights belong together?")
+                               f"{t.hf_shape}; do config.json and the weights belong together?")
         bar.update()
-        return spec.from_hf(w.astype(np.float32)).astype(np_dtype)
+        return t.from_hf(w.astype(np.float32)).astype(np_dtype)
 
-    layers: list[dict] = [{} for _ in range(n)]
-    for i, layer in enumerate(layers):
-        for suffix, spec in _layer_tensors(cfg).items():
-            name = f"model.layers.{i}.{suffix}"
-            if _wanted(cfg, i, suffix) and not (_is_optional(cfg, i, suffix) and name not in names):
-                _set(layer, spec.path, fetch(name, spec))
-    weights: dict[str, Any] = {"layers": layers}
-    for name, spec in _global_tensors(cfg).items():
-        _set(weights, spec.path, fetch(name, spec))
-    if cfg.swiftkv:
-        spec = _layer_tensors(cfg)["self_attn.k_proj.weight"]
-        for proj in ("k_proj", "v_proj"):
-            weights["swiftkv"][proj] = np.stack([
-                fetch(f"model.layers.{i}.self_attn.{proj}_swiftkv.weight", spec)
-                for i in range(L, n, g)])
+    weights = empty_weights(cfg)
+    for t in tensors(cfg):
+        if t.optional and not set(t.hf_names) <= names:
+            continue
+        slices = [fetch(name, t) for name in t.hf_names]
+        set_path(weights, t.path, np.stack(slices) if t.kind.where == "leaders" else slices[0])
     bar.close()
     return Params(jax.tree.map(jnp.asarray, weights), cfg)
 
 
 def params_to_tensors(params: Params) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, [out, in] float32 array) for every tensor, in llama / llama_swiftkv layout."""
-    cfg, w = params.config, params.weights
-    L, g = cfg.num_key_value_layers, cfg.key_value_group_size
     host = lambda x: np.asarray(jax.device_get(x), np.float32)
-    for name, spec in _global_tensors(cfg).items():
-        yield name, spec.to_hf(host(_get(w, spec.path)))
-    for i, layer in enumerate(w["layers"]):
-        for suffix, spec in _layer_tensors(cfg).items():
-            try:
-                yield f"model.layers.{i}.{suffix}", spec.to_hf(host(_get(layer, spec.path)))
-            except KeyError:
-                continue
-    if cfg.swiftkv:
-        spec = _layer_tensors(cfg)["self_attn.k_proj.weight"]
-        for proj in ("k_proj", "v_proj"):
-            for j, x in enumerate(host(w["swiftkv"][proj])):
-                yield f"model.layers.{L + j * g}.self_attn.{proj}_swiftkv.weight", spec.to_hf(x)
+    for t in tensors(params.config):
+        try:
+            x = host(get_path(params.weights, t.path))
+        except KeyError:  # a teacher-only tensor this checkpoint does not hold
+            continue
+        slices = x if t.kind.where == "leaders" else [x]
+        for name, part in zip(t.hf_names, slices, strict=True):
+            yield name, t.to_hf(part)
 
 
 # -- Hugging Face folders ------------------------------------------------------------------------
@@ -287,7 +187,7 @@ def load_checkpoint(folder: str | Path, dtype: Any = None, sharding: Any = None)
     """Restores our checkpoint straight onto device (or onto `sharding`), optionally casting.
 
     `sharding`: one Sharding for every tensor, a `jax.sharding.Mesh` (each tensor restored onto
-    its shard by sharding.py's partition rules: no full copy on one device), or a pytree of
+    its shard by partitioning.py's rules: no full copy on one device), or a pytree of
     Shardings shaped like the weights."""
     import orbax.checkpoint as ocp
     folder = Path(folder).absolute()
@@ -295,7 +195,7 @@ def load_checkpoint(folder: str | Path, dtype: Any = None, sharding: Any = None)
     with ocp.StandardCheckpointer() as ckpt:
         meta = ckpt.metadata(folder / PARAMS_SUBDIR).item_metadata
         if isinstance(sharding, jax.sharding.Mesh):
-            from .sharding import params_shardings
+            from .partitioning import params_shardings
             sharding = params_shardings(meta, sharding)
         if sharding is None or isinstance(sharding, jax.sharding.Sharding):
             sharding = jax.tree.map(

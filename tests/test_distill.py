@@ -16,8 +16,9 @@ from swiftkv_jax.cli import main
 from swiftkv_jax.config import ConfigError, ModelConfig
 from swiftkv_jax.data import Packed
 from swiftkv_jax.evaluate import evaluate
-from swiftkv_jax.model import ATTENTION_TILE
+from swiftkv_jax.attention import ATTENTION_TILE
 from conftest import make_hf_llama
+from numerics import update_agreement, updates_agree
 from tiny_tokenizer import make_tokenizer
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=5, num_heads=4,
@@ -109,14 +110,14 @@ def test_bfloat16_params_train_float32_masters(tmp_path):
     optimizer = D.make_optimizer(cfg, 8)
     state = D.init_state(params, optimizer)
     assert {x.dtype for x in jax.tree.leaves(state["opt_state"]) if x.ndim} == {jnp.dtype(jnp.float32)}
-    start = np.asarray(state["trainable"]["k_proj"], np.float32)
+    start = np.asarray(state["trainable"]["swiftkv/k_proj"], np.float32)
     step = D.make_train_step(cfg, optimizer)
     data = random_data()
     for s in range(8):
         state, _ = step(state, params, jax.tree.map(jnp.asarray, data.rows(D.batch_indices(s, data.num_rows, cfg))))
     # Adam moves every weight by ~1e-6 a step: far below bf16's spacing (~4e-4 at these weights'
     # size), so bf16 masters would not move at all.
-    assert (np.asarray(state["trainable"]["k_proj"]) != start).mean() > 0.9
+    assert (np.asarray(state["trainable"]["swiftkv/k_proj"]) != start).mean() > 0.9
     run = D.distill(params, data, config(max_steps=2), tmp_path / "run", progress=False)
     assert run.params.weights["swiftkv"]["k_proj"].dtype == jnp.bfloat16
 
@@ -146,9 +147,11 @@ def test_gradient_matches_finite_differences(seq_len):
     batch = jax.tree.map(jnp.asarray, data.rows(np.arange(2)))
     cfg = config()
     trainable = D.trainable_of(params)
-    loss = lambda t: D.distill_loss(t, params, batch, cfg)[0]
-    grads = jax.grad(loss)(trainable)
-    for name in ("k_proj", "norm"):
+    # Jitted once: each finite-difference evaluation reuses the compiled loss (op by op, the tiled
+    # attention's loops made this test take a minute).
+    loss = jax.jit(lambda t: D.distill_loss(t, params, batch, cfg)[0])
+    grads = jax.jit(jax.grad(lambda t: D.distill_loss(t, params, batch, cfg)[0]))(trainable)
+    for name in ("swiftkv/k_proj", "swiftkv/norm/weight"):
         g = grads[name]
         # Directional derivative along the gradient of this one weight: d/da L(w + a g) = |g|^2.
         shifted = lambda a: loss(dict(trainable, **{name: trainable[name] + a * g}))
@@ -156,11 +159,11 @@ def test_gradient_matches_finite_differences(seq_len):
         fd = (float(shifted(eps)) - float(shifted(-eps))) / (2 * eps)
         np.testing.assert_allclose(fd, float(jnp.sum(g * g)), rtol=2e-2)
     # and one single element of a q_proj_swiftkv, the one with the largest gradient
-    gq = grads["q_proj"][1]
+    gq = grads["layers/*/q_proj_swiftkv"][1]
     idx = np.unravel_index(int(jnp.argmax(jnp.abs(gq))), gq.shape)
     eps = 1e-2
-    bump = lambda a: loss(dict(trainable, q_proj=[q.at[idx].add(a) if i == 1 else q
-                                                  for i, q in enumerate(trainable["q_proj"])]))
+    bump = lambda a: loss(dict(trainable, **{"layers/*/q_proj_swiftkv": [
+        q.at[idx].add(a) if i == 1 else q for i, q in enumerate(trainable["layers/*/q_proj_swiftkv"])]}))
     fd = (float(bump(eps)) - float(bump(-eps))) / (2 * eps)
     np.testing.assert_allclose(fd, float(gq[idx]), rtol=2e-2)
 
@@ -170,8 +173,12 @@ def test_gradient_accumulation_equals_the_bigger_batch(tmp_path):
     big = D.distill(params, data, config(batch_size=4, max_steps=3), tmp_path / "big", progress=False)
     acc = D.distill(params, data, config(batch_size=2, grad_accum=2, max_steps=3), tmp_path / "acc",
                     progress=False)
-    for x, y in zip(jax.tree.leaves(big.params.weights), jax.tree.leaves(acc.params.weights)):
-        np.testing.assert_allclose(x, y, atol=1e-5)
+    # Accumulation reorders the float32 sums: compared as Adam updates in units of the learning
+    # rate (tests/numerics.py), not elementwise, where a near-zero gradient's sign is rounding.
+    schedule = D.make_schedule(config(), 3)
+    report = update_agreement(D.trainable_of(params), D.trainable_of(acc.params),
+                              D.trainable_of(big.params), float(sum(schedule(s) for s in range(3))))
+    assert updates_agree(report), report
 
 
 def test_data_order_depends_on_the_step_alone():
@@ -294,7 +301,7 @@ def test_to_swiftkv_bad_group_size_is_a_config_error():
 
 
 def test_least_squares_kv_init_fits_the_layers_own_keys_and_values():
-    from swiftkv_jax.kv_init import _layer_inputs, fit_swiftkv_kv
+    from swiftkv_jax.kv_init import fit_swiftkv_kv, layer_inputs
 
     params, data = tiny_swiftkv(L=2, g=1), random_data(rows=8, seq_len=16)
     fitted = fit_swiftkv_kv(params, data.tokens, ridge=1e-9)
@@ -302,7 +309,7 @@ def test_least_squares_kv_init_fits_the_layers_own_keys_and_values():
     # Layer L's own input is exactly s (norm_swiftkv starts as its input_layernorm): exact fit.
     np.testing.assert_allclose(sw["k_proj"][0], layers[2]["k_proj"], atol=1e-3)
     np.testing.assert_allclose(sw["v_proj"][0], layers[2]["v_proj"], atol=1e-3)
-    s, xs = _layer_inputs(params, jnp.asarray(data.tokens))
+    s, xs = layer_inputs(params, jnp.asarray(data.tokens))
     for j in (1, 2):  # later layers: the fit explains their keys better than their own weights do
         target = jnp.einsum("btd,dkh->btkh", xs[j], layers[2 + j]["k_proj"])
         err = lambda w: float(jnp.mean((jnp.einsum("btd,dkh->btkh", s, w) - target) ** 2))

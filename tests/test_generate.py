@@ -7,7 +7,7 @@ import pytest
 
 import swiftkv_jax as sk
 from swiftkv_jax.generate import decode, prefill, prefill_bucket
-from swiftkv_jax.sampling import filter_logits, sample
+from swiftkv_jax.sampling import SamplingParams, filter_logits, sample
 
 CFG = sk.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=8, eos_token_ids=(2,))
@@ -71,8 +71,8 @@ def test_sampling_among_the_best_candidates_is_exact(temperature, top_k, top_p):
     filtered distribution says (which drawing from the candidates alone would get wrong)."""
     scale = np.array([[3.0], [3.0], [0.05], [3.0]], np.float32)
     logits = np.random.default_rng(0).normal(size=(4, 2000)).astype(np.float32) * scale
-    draw = jax.jit(jax.vmap(lambda k: sample(jnp.asarray(logits), k, jnp.float32(temperature),
-                                             jnp.int32(top_k), jnp.float32(top_p))))
+    draw = jax.jit(jax.vmap(lambda k: sample(jnp.asarray(logits), k, SamplingParams.make(
+        temperature, top_k, top_p))))
     n = 4000
     tokens = np.asarray(draw(jax.random.split(jax.random.PRNGKey(0), n)))  # [n, 4]
     for row in range(4):
@@ -89,8 +89,7 @@ def test_sampling_among_the_best_candidates_is_exact(temperature, top_k, top_p):
 def test_samples_stay_in_allowed_set_and_follow_the_distribution():
     logits = jnp.asarray(np.random.default_rng(1).normal(size=(1, 50)).astype(np.float32) * 2)
     allowed = _allowed(np.asarray(logits[0]), 1.0, 8, 0.8)
-    draw = jax.jit(jax.vmap(lambda k: sample(logits, k, jnp.float32(1.0), jnp.int32(8),
-                                             jnp.float32(0.8))[0]))
+    draw = jax.jit(jax.vmap(lambda k: sample(logits, k, SamplingParams.make(1.0, 8, 0.8))[0]))
     tokens = np.asarray(draw(jax.random.split(jax.random.PRNGKey(0), 20000)))
     assert set(np.unique(tokens).tolist()) <= allowed
     # Frequencies follow the renormalised distribution over the allowed set.

@@ -150,9 +150,10 @@ def _request(draw, rows, per_row, vocab=4):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_index_invariants_over_random_requests(data):
-    rows = data.draw(st.integers(1, 3))
-    per_row = data.draw(st.integers(2, 4))
-    pool = data.draw(st.integers(rows * per_row, rows * per_row + 6))
+    # Fixed array shapes (each new shape compiles admit/register again): 3 rows of 4 blocks, some
+    # rows unused (length 0) in a request; a pool exactly full, nearly full or roomy.
+    rows, per_row = 3, 4
+    pool = data.draw(st.sampled_from([rows * per_row, rows * per_row + 2, rows * per_row + 6]))
     mask = data.draw(st.sampled_from([0xFFFFFFFF, 0x3]))
     idx = empty_index(pool, BS, mask)
     table = jnp.zeros((rows, per_row), jnp.int32)

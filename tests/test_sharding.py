@@ -32,7 +32,10 @@ PLAIN = sk.ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num
 SWIFT = PLAIN.replace(num_layers=4, num_kv_heads=4, num_key_value_layers=2, key_value_group_size=2,
                       tie_word_embeddings=True)
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [3] * 7, [5], [9, 8, 7, 6], [2, 2], [4, 5, 6], [11] * 6]
-MESHES = ("1x8", "2x4", "8x1")
+# Each mesh shape tests its own rule: model=8 splits plain's 8 kv heads and falls back (replicated,
+# with a warning) for SwiftKV's 4; 8x1 is data parallel alone; 2x4 splits both axes (plain on 2x4 is
+# also checked by the pool-over-data run and the two-process run).
+MESHES = {"plain": ("1x8", "8x1"), "swiftkv": ("2x4", "1x8")}
 
 
 # -- single device: rules, parsing, memory ----------------------------------------------------
@@ -72,14 +75,6 @@ def test_rules_cover_every_leaf_and_fall_back_with_a_warning():
         warnings.simplefilter("error")
         specs = sh.param_specs(w, {DATA: 2, MODEL: 4})
     assert specs["swiftkv"]["k_proj"] == P(None, None, MODEL, None)
-
-
-@pytest.mark.parametrize("config", [PLAIN, SWIFT], ids=["plain", "swiftkv"])
-def test_abstract_weights_match_init_params(config):
-    params = jax.eval_shape(lambda: sk.init_params(config, jax.random.PRNGKey(0)).weights)
-    abstract = sh.abstract_weights(config, jnp.float32, teacher=True)
-    assert jax.tree.structure(params) == jax.tree.structure(abstract)
-    assert jax.tree.leaves(jax.tree.map(lambda a, b: a.shape == b.shape, params, abstract))
 
 
 def test_memory_per_device():
@@ -135,8 +130,7 @@ def eight_devices(tmp_path_factory):
     return _run_worker("checks", args=(str(tmp_path_factory.mktemp("ck")),))
 
 
-@pytest.mark.parametrize("model", ["plain", "swiftkv"])
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("model,mesh", [(m, spec) for m, specs in MESHES.items() for spec in specs])
 def test_sharded_generate_equals_one_device(eight_devices, model, mesh):
     r = eight_devices[model][mesh]
     assert r["tokens"] == eight_devices[model]["reference"]["tokens"]
@@ -179,20 +173,26 @@ def test_checkpoint_from_2x4_restores_on_8x1_and_one_device(eight_devices):
 
 
 def test_sharded_distillation_step_equals_unsharded(eight_devices):
+    """Gradients within float32 reordering noise of one device; Adam updates equal in units of the
+    learning rate (tests/numerics.py); also after a save on 2x4 and a restore onto 8x1."""
+    from numerics import reorder_tolerance, updates_agree
     r = eight_devices["distill"]
-    assert r["moved"] > 1e-4 and r["max_rel_diff"] <= 1e-4, r
-    assert abs(r["loss_sharded"] - r["loss"]) <= 1e-4 * abs(r["loss"])
+    tol = reorder_tolerance(r["grad_terms"])
+    assert max(r["grad_errors"].values()) <= tol, (tol, r["grad_errors"])
+    assert abs(r["loss_sharded"] - r["loss"]) <= tol * abs(r["loss"])
+    assert updates_agree(r["two_steps"]), r["two_steps"]
     # Saved on 2x4, restored onto 8x1 (Adam moments included) and one more step there.
     assert r["restored_spec"] == {"spec": [None, None, None, None], "shard": [1, 64, 4, 8]}
-    assert r["resumed_rel_diff"] <= 1e-4, r
+    assert updates_agree(r["resumed"]), r["resumed"]
 
 
 def test_distill_loop_on_a_mesh_resumes_on_another_like_a_straight_run(eight_devices):
+    from numerics import updates_agree
     r = eight_devices["distill"]["loop"]
     assert r["resumed_from"] == 2
     assert r["first_spec"] == {"spec": [None, None, MODEL, None], "shard": [1, 64, 1, 8]}
     assert r["resumed_spec"]["shard"] == [1, 64, 4, 8]
-    assert r["moved"] > 1e-4 and r["rel_diff"] <= 1e-4, r
+    assert updates_agree(r["updates"]), r["updates"]
 
 
 def _free_port() -> int:
@@ -276,7 +276,7 @@ def _checks(folder: str) -> dict:
         params = _params(config, 0)
         ref = _generate_twice(params, None)
         out[name] = {"reference": {k: ref[k] for k in ("tokens", "tokens_again", "hit_tokens")}}
-        for spec in MESHES:
+        for spec in MESHES[name]:
             mesh = sh.make_mesh(spec)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -332,7 +332,17 @@ def _checkpoint_check(folder: Path) -> dict:
             "spec_8x1": q(on_8x1), "spec_2x4": q(on_2x4)}
 
 
+def _lr_total(config, steps: int) -> float:
+    from swiftkv_jax import distill as ds
+    schedule = ds.make_schedule(config, config.max_steps)
+    return float(sum(schedule(s) for s in range(steps)))
+
+
 def _distill_check(folder: Path) -> dict:
+    """Gradients on a 2x4 mesh against one device (before the optimizer), then Adam steps there,
+    a save on 2x4, a restore onto 8x1 and a step more, as updates in units of the learning rate
+    (tests/numerics.py says why each comparison is made as it is)."""
+    from numerics import relative_norm_error, update_agreement
     from swiftkv_jax import distill as ds
     params = _params(SWIFT, 3)
     config = ds.DistillConfig(batch_size=8, seq_len=8, max_steps=4, learning_rate=1e-3)
@@ -341,19 +351,28 @@ def _distill_check(folder: Path) -> dict:
     rng = np.random.default_rng(0)
     batch = {"tokens": rng.integers(0, SWIFT.vocab_size, (1, 8, 8)).astype(np.int32),
              "weights": (rng.random((1, 8, 8)) > 0.2).astype(np.float32)}
-    state = ds.init_state(params, optimizer)
-    for _ in range(2):  # step 0 has learning rate 0 (warm-up): the second one moves the weights
-        state, metrics = step(state, params, jax.tree.map(jnp.asarray, batch))
     mesh = sh.make_mesh("2x4")
     sharded = sh.shard_params(params, mesh)
+    on_mesh = lambda b, m=mesh: sh.shard_batch(b, m, batch_axis=1)
+    grad_fn = jax.jit(jax.value_and_grad(lambda t, p, b: ds.distill_loss(
+        t, p, jax.tree.map(lambda x: x[0], b), config)[0]))
+    loss, grads = grad_fn(ds.trainable_of(params), params, jax.tree.map(jnp.asarray, batch))
+    s_loss, s_grads = grad_fn(ds.trainable_of(sharded), sharded, on_mesh(batch))
+    # The longest float32 sums behind a gradient: over the batch's 64 tokens times the vocabulary
+    # (the softmax) or the hidden size, whichever is wider.
+    terms = 64 * max(SWIFT.vocab_size, SWIFT.hidden_size, SWIFT.intermediate_size)
+    grad_errors = {k: relative_norm_error(s_grads[k], grads[k]) for k in grads}
+
+    start = ds.init_state(params, optimizer)["trainable"]
+    state = ds.init_state(params, optimizer)
+    for _ in range(2):  # step 0 has learning rate 0 (warm-up): the second one moves the weights
+        state, _ = step(state, params, jax.tree.map(jnp.asarray, batch))
     s_state = ds.init_state(sharded, optimizer)
     for _ in range(2):
-        s_state, s_metrics = step(s_state, sharded, sh.shard_batch(batch, mesh, batch_axis=1))
-    assert _shard_info(s_state["trainable"]["k_proj"])["spec"] == [None, None, MODEL, None]
-    diffs = jax.tree.leaves(jax.tree.map(
-        lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max() / (np.abs(np.asarray(a)).max() + 1e-12)),
-        state["trainable"], s_state["trainable"]))
-    # The sharded state, saved on 2x4, restored onto 8x1 and trained one more step there, equals
+        s_state, _ = step(s_state, sharded, on_mesh(batch))
+    assert _shard_info(s_state["trainable"]["swiftkv/k_proj"])["spec"] == [None, None, MODEL, None]
+    two_steps = update_agreement(start, s_state["trainable"], state["trainable"], _lr_total(config, 2))
+    # The sharded state, saved on 2x4, restored onto 8x1 and trained one more step there, against
     # the unsharded run's third step.
     import orbax.checkpoint as ocp
     with ocp.StandardCheckpointer() as ckpt:
@@ -362,22 +381,19 @@ def _distill_check(folder: Path) -> dict:
     with ocp.StandardCheckpointer() as ckpt:
         r_state = ckpt.restore(folder / "state", sh.restore_target(
             s_state, sh.train_state_shardings(s_state, mesh8)))
-    restored_spec = _shard_info(r_state["opt_state"][1][0].mu["k_proj"])
-    on8 = sh.shard_params(params, mesh8)
-    r_state, _ = step(r_state, on8, sh.shard_batch(batch, mesh8, batch_axis=1))
+    restored_spec = _shard_info(r_state["opt_state"][1][0].mu["swiftkv/k_proj"])
+    r_state, _ = step(r_state, sh.shard_params(params, mesh8), on_mesh(batch, mesh8))
     state, _ = step(state, params, jax.tree.map(jnp.asarray, batch))
-    resumed = max(jax.tree.leaves(jax.tree.map(
-        lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max() / (np.abs(np.asarray(a)).max() + 1e-12)),
-        state["trainable"], r_state["trainable"])))
-    moved = float(np.abs(np.asarray(state["trainable"]["k_proj"]) - np.asarray(params.weights["swiftkv"]["k_proj"])).max())
-    return {"max_rel_diff": max(diffs), "moved": moved, "resumed_rel_diff": resumed,
-            "restored_spec": restored_spec, "loss": float(metrics["loss"]),
-            "loss_sharded": float(s_metrics["loss"]), "loop": _distill_loop_check(folder, params)}
+    resumed = update_agreement(start, r_state["trainable"], state["trainable"], _lr_total(config, 3))
+    return {"loss": float(loss), "loss_sharded": float(s_loss), "grad_errors": grad_errors,
+            "grad_terms": terms, "two_steps": two_steps, "resumed": resumed,
+            "restored_spec": restored_spec, "loop": _distill_loop_check(folder, params)}
 
 
 def _distill_loop_check(folder: Path, params: sk.Params) -> dict:
     """distill() itself: 2 steps on a 2x4 mesh, interrupted, resumed on 8x1 for 2 more, against
     4 straight steps on one device."""
+    from numerics import update_agreement
     from swiftkv_jax import distill as ds
     from swiftkv_jax.data import Packed
     rng = np.random.default_rng(1)
@@ -389,14 +405,12 @@ def _distill_loop_check(folder: Path, params: sk.Params) -> dict:
     straight = run("straight")
     first = run("meshes", mesh=sh.make_mesh("2x4"), stop_after=2)
     resumed = run("meshes", mesh=sh.make_mesh("8x1"), resume=True)
-    swiftkv = lambda r: r.params.weights["swiftkv"]
-    diff = max(jax.tree.leaves(jax.tree.map(
-        lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max() / (np.abs(np.asarray(a)).max() + 1e-12)),
-        swiftkv(straight), swiftkv(resumed))))
-    moved = float(np.abs(np.asarray(swiftkv(straight)["k_proj"]) - np.asarray(params.weights["swiftkv"]["k_proj"])).max())
-    return {"rel_diff": diff, "moved": moved, "resumed_from": resumed.resumed_from,
-            "first_spec": _shard_info(swiftkv(first)["k_proj"]),
-            "resumed_spec": _shard_info(swiftkv(resumed)["k_proj"])}
+    trained = lambda r: ds.trainable_of(r.params)
+    return {"updates": update_agreement(ds.trainable_of(params), trained(resumed), trained(straight),
+                                        _lr_total(config, 4)),
+            "resumed_from": resumed.resumed_from,
+            "first_spec": _shard_info(first.params.weights["swiftkv"]["k_proj"]),
+            "resumed_spec": _shard_info(resumed.params.weights["swiftkv"]["k_proj"])}
 
 
 def _multihost(port: str, process_id: str) -> dict:

@@ -1,0 +1,245 @@
+"""What two or more benchmark scripts (and notebook 03) use: machine ceilings, timing and CPU-share
+helpers, random prompts, and the ours/HF prefill and decode measurements, so no script imports another."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import swiftkv_jax as sk
+from swiftkv_jax.generate import MAX_STOP_IDS, decode, prefill, prefill_bucket
+from swiftkv_jax.sampling import SamplingParams
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # where the scripts write by default
+DECODE_PROMPT_LEN = 32  # prompt tokens before the timed decode
+SEED = 0
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """Progress line with the seconds since start."""
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+@dataclasses.dataclass
+class Timing:
+    """Wall-clock seconds of one measured operation: the first (warm-up/compile) call and the
+    steady-state runs after it."""
+
+    first: float
+    runs: list[float]
+
+    @property
+    def best(self) -> float:
+        return min(self.runs)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+    @property
+    def compile(self) -> float:
+        """First call minus the best steady call (for jitted code: tracing + XLA compile)."""
+        return max(self.first - self.best, 0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"first_s": self.first, "runs_s": self.runs, "best_s": self.best,
+                "median_s": self.median}
+
+
+def time_calls(call: Callable[[], float], repeats: int) -> Timing:
+    """Runs `call` (which returns the seconds of the part it times) once as warm-up, then
+    `repeats` times."""
+    first = call()
+    return Timing(first, [call() for _ in range(repeats)])
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds `fn` takes; `fn` must block until its result is ready."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class CpuShare:
+    """Share of the machine's CPU time that *other* processes used between start() and stop()
+    (Linux /proc/stat); a busy machine makes every number here lower and noisier."""
+
+    def __init__(self) -> None:
+        self._start: tuple[float, float, float] | None = None
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            fields = [float(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        total, idle = sum(fields[:8]) / hz, (fields[3] + fields[4]) / hz
+        mine = sum(os.times()[:2])
+        return total, total - idle, mine
+
+    def start(self) -> None:
+        self._start = self._sample()
+
+    def others(self) -> float | None:
+        end = self._sample()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return None
+        total, busy, mine = (e - s for e, s in zip(end, self._start))
+        return min(max((busy - mine) / total, 0.0), 1.0)
+
+
+# ----------------------------------------------------------------------------- machine ceilings
+
+def matmul_flops(dtype: Any, n: int = 4096, repeats: int = 5) -> float:
+    """Best FLOP/s of a jitted [n, n] @ [n, n] matmul in `dtype`."""
+    ka, kb = jax.random.split(jax.random.PRNGKey(SEED))
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+    mm = jax.jit(jnp.matmul)
+    t = time_calls(lambda: timed(lambda: mm(a, b).block_until_ready()), repeats)
+    return 2 * n ** 3 / t.best
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best bytes/s of a jitted float32 sum over an `nbytes` array (read once, nothing written)."""
+    x = jnp.arange(nbytes // 4, dtype=jnp.float32).block_until_ready()
+    total = jax.jit(jnp.sum)
+    t = time_calls(lambda: timed(lambda: total(x).block_until_ready()), repeats)
+    del x
+    return nbytes / t.best
+
+
+# ----------------------------------------------------------------------------- workload
+
+def random_prompts(vocab: int, batch: int, length: int, seed: int = SEED) -> np.ndarray:
+    """[batch, length] int32 random token ids (fixed seed: HF and ours get the same prompts)."""
+    return np.random.default_rng(seed + 1000 * batch + length).integers(
+        0, vocab, (batch, length), dtype=np.int32)
+
+
+# ----------------------------------------------------------------------------- ours
+
+def emptied(cache: sk.KVCache) -> sk.KVCache:
+    """The cache with every row's length 0, so the next prefill starts each row at position 0
+    (done here rather than relying on whether `prefill` itself resets or appends)."""
+    return dataclasses.replace(cache, lengths=jnp.zeros_like(cache.lengths))
+
+
+def ours_prefill(params: sk.Params, length: int, new_tokens: int, repeats: int) -> Timing:
+    """Times our jitted prefill of a [1, length] prompt into a cache sized for generation."""
+    tokens = jnp.asarray(random_prompts(params.config.vocab_size, 1, length))
+    num_new = jnp.asarray([length], jnp.int32)
+    cache = sk.init_cache(params, 1, length + new_tokens)
+    if prefill_bucket(length, cache.max_length) != length:
+        log(f"  note: length {length} is not a power of two; ours pads it to "
+            f"{prefill_bucket(length, cache.max_length)} as generate() would")
+        tokens = jnp.pad(tokens, ((0, 0), (0, prefill_bucket(length, cache.max_length) - length)))
+
+    def run() -> float:
+        nonlocal cache
+        cache = emptied(cache)
+        cache.lengths.block_until_ready()
+        start = time.perf_counter()
+        logits, cache = prefill(params, cache, tokens, num_new)
+        logits.block_until_ready()
+        return time.perf_counter() - start
+
+    return time_calls(run, repeats)
+
+
+@dataclasses.dataclass
+class DecodeResult:
+    timing: Timing
+    tokens: int  # tokens generated per timed run, all rows together
+    row0: list[int]  # the greedy tokens of row 0 (to check that both sides run the same model)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.timing.best
+
+
+def ours_decode(params: sk.Params, batch: int, new_tokens: int, repeats: int) -> DecodeResult:
+    """Times our jitted greedy decode loop alone; an untimed prefill refills the cache first."""
+    prompts = random_prompts(params.config.vocab_size, batch, DECODE_PROMPT_LEN)
+    cache = sk.init_cache(params, batch, DECODE_PROMPT_LEN + new_tokens)
+    tokens = jnp.asarray(prompts)
+    num_new = jnp.full((batch,), DECODE_PROMPT_LEN, jnp.int32)
+    stop = np.full((MAX_STOP_IDS,), -1, np.int32)  # -1 never matches: all tokens are generated
+    args = (jnp.ones((batch,), bool), jax.random.PRNGKey(SEED), jnp.int32(new_tokens),
+            SamplingParams.make(), jnp.asarray(stop))
+    generated: list[int] = []
+    row0: list[int] = []
+
+    def run() -> float:
+        nonlocal cache, row0
+        logits, cache = prefill(params, emptied(cache), tokens, num_new)
+        logits.block_until_ready()
+        start = time.perf_counter()
+        out, counts, cache = decode(params, cache, logits, *args)
+        counts.block_until_ready()
+        elapsed = time.perf_counter() - start
+        generated.append(int(np.asarray(counts).sum()))
+        row0 = np.asarray(out)[0, :new_tokens].tolist()
+        return elapsed
+
+    timing = time_calls(run, repeats)
+    if len(set(generated)) != 1 or generated[0] != batch * new_tokens:
+        raise RuntimeError(f"decode generated {generated} tokens, expected {batch * new_tokens}")
+    return DecodeResult(timing, generated[0], row0)
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+def hf_prefill(model: Any, prompts: np.ndarray, repeats: int) -> Timing:
+    """Times one HF forward over `prompts` with the LM head on the last token only."""
+    import torch
+    ids = torch.from_numpy(prompts.astype(np.int64))
+
+    def run() -> float:
+        with torch.inference_mode():
+            return timed(lambda: model(ids, logits_to_keep=1))
+
+    return time_calls(run, repeats)
+
+
+def hf_decode(model: Any, batch: int, new_tokens: int, repeats: int) -> tuple[DecodeResult, Timing]:
+    """Times HF greedy generate() of exactly `new_tokens` tokens per row, minus its prefill.
+
+    Returns the decode result, whose runs are generate() times minus the best time of a separate
+    prefill forward over the same prompts, and that prefill's timing."""
+    import torch
+    prompts = random_prompts(model.config.vocab_size, batch, DECODE_PROMPT_LEN)
+    ids = torch.from_numpy(prompts.astype(np.int64))
+    mask = torch.ones_like(ids)
+    pre = hf_prefill(model, prompts, repeats)
+
+    row0: list[int] = []
+
+    def generate(n: int) -> float:
+        nonlocal row0
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=model.config.eos_token_id)
+            elapsed = time.perf_counter() - start
+        if out.shape != (batch, DECODE_PROMPT_LEN + n):
+            raise RuntimeError(f"HF generate returned shape {tuple(out.shape)}")
+        row0 = out[0, DECODE_PROMPT_LEN:].tolist()
+        return elapsed
+
+    first = generate(4)  # short warm-up: generate()'s setup paths, allocator
+    runs = [generate(new_tokens) - pre.best for _ in range(repeats)]
+    return DecodeResult(Timing(first, runs), batch * new_tokens, row0), pre
