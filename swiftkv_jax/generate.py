@@ -197,7 +197,7 @@ def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: i
 
     `temperature` 0 is greedy; `top_k` 0 and `top_p` 1 switch those filters off. Generation of a
     row stops after `max_new_tokens` or at a stop id (default: the model's eos ids), which is not
-    returned. `cache` may be None (one is made to fit). Returns (ids, cache): ids is a list of
+    returned. `cache` may be None (one is made to fit, its length rounded up to a power of two). Returns (ids, cache): ids is a list of
     ints for a single prompt, a list of lists for a batch; the cache holds the rows' K/V.
     Pass the returned cache to the next call: a prompt that begins like an earlier prompt or
     answer reuses its cached blocks instead of recomputing them (see cache.stats()).
@@ -219,8 +219,10 @@ def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: i
         raise GenerateError(f"at most {MAX_STOP_IDS} stop ids are supported, got {len(stop)}")
     if cache is None:
         rows, _ = _as_rows(prompt)
+        # Sized up to a power of two, like the prefill buckets: other prompt lengths and token
+        # budgets in the same bucket reuse the compiled steps instead of compiling new shapes.
         needed = max(len(r) for r in rows) + int(max_new_tokens)
-        cache = init_cache(params, len(rows), max(needed, MIN_BUCKET))
+        cache = init_cache(params, len(rows), max(MIN_BUCKET, 1 << (needed - 1).bit_length()))
     req = make_request(params, cache, prompt, int(max_new_tokens))
     namespace = namespace_of(params.weights)
     t0 = time.perf_counter()

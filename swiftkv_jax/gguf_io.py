@@ -116,12 +116,53 @@ def tokenizer_from_gguf_metadata(path: str | Path) -> Any:
                                    **special)
 
 
+TOKENIZER_CACHE_VERSION = 1  # bump when tokenizer_from_gguf_metadata changes what it builds
+
+
+def tokenizer_cache_dir() -> Path:
+    """Where tokenizers converted from GGUF files are kept ($SWIFTKV_JAX_TOKENIZER_CACHE, default
+    ~/.cache/swiftkv-jax/tokenizers)."""
+    default = Path.home() / ".cache" / "swiftkv-jax" / "tokenizers"
+    return Path(os.environ.get("SWIFTKV_JAX_TOKENIZER_CACHE", default))
+
+
+def _cache_key(path: Path) -> str:
+    """Changes with the file (path, size, mtime), transformers' version and our converter's."""
+    import hashlib
+
+    import transformers
+    st = path.stat()
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|{TOKENIZER_CACHE_VERSION}"
+    return f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
+def cached_gguf_tokenizer(path: str | Path) -> Any:
+    """tokenizer_from_gguf_metadata, converted once per file: reading 49k tokens out of a GGUF and
+    converting them takes seconds, loading the saved fast tokenizer a fraction of one. The cache
+    is a convenience: when it cannot be written the tokenizer is still returned."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    folder = tokenizer_cache_dir() / _cache_key(path)
+    if (folder / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    tokenizer = tokenizer_from_gguf_metadata(path)
+    try:
+        from .weights import atomic_dir
+        with atomic_dir(folder) as tmp:
+            tokenizer.save_pretrained(str(tmp))
+    except OSError:  # a read-only home: convert every time
+        pass
+    return tokenizer
+
+
 def load_gguf_tokenizer(path: str | Path) -> Any:
     """The tokenizer embedded in a GGUF file (None if neither way can build one): first from its
-    metadata without torch, then through transformers' own GGUF loader (which needs torch)."""
+    metadata without torch (cached on disk after the first time), then through transformers' own
+    GGUF loader (which needs torch)."""
     path = Path(path)
     try:
-        return tokenizer_from_gguf_metadata(path)
+        return cached_gguf_tokenizer(path)
     except Exception:  # an older/newer transformers without these converters
         pass
     from transformers import AutoTokenizer

@@ -107,8 +107,8 @@ def init_params(config: ModelConfig, key: jax.Array, dtype: Any = F32) -> Params
     weights: Weights = empty_weights(base_cfg)
     specs = list(tensors(base_cfg))
     for t, k in zip(specs, jax.random.split(key, len(specs))):
-        value = (jnp.ones(t.shape, F32) if t.kind.init == "ones"
-                 else 0.02 * jax.random.normal(k, t.shape, F32))
+        constant = {"ones": jnp.ones, "zeros": jnp.zeros}.get(t.kind.init)
+        value = constant(t.shape, F32) if constant else 0.02 * jax.random.normal(k, t.shape, F32)
         set_path(weights, t.path, value)
     base = Params(weights, base_cfg).astype(dtype)
     if config.swiftkv:

@@ -132,7 +132,7 @@ def save_hf_folder(params: Params, folder: str | Path, tokenizer: Any = None) ->
     """Writes config.json and model.safetensors (llama or llama_swiftkv) atomically."""
     from safetensors.numpy import save_file
     folder = Path(folder)
-    with _atomic_dir(folder) as tmp:
+    with atomic_dir(folder) as tmp:
         tensors = {name: np.ascontiguousarray(arr) for name, arr in params_to_tensors(params)}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(params.config.to_hf_dict(), indent=2))
@@ -142,7 +142,7 @@ def save_hf_folder(params: Params, folder: str | Path, tokenizer: Any = None) ->
 
 # -- our orbax folders ---------------------------------------------------------------------------
 
-class _atomic_dir:
+class atomic_dir:
     """Builds a folder under a temporary name beside `target` and renames it into place."""
 
     def __init__(self, target: Path):
@@ -170,7 +170,7 @@ def save_checkpoint(params: Params, folder: str | Path, tokenizer: Any = None) -
     """Our checkpoint folder: config.json, an orbax `params/` tree, and the tokenizer files."""
     import orbax.checkpoint as ocp
     folder = Path(folder).absolute()
-    with _atomic_dir(folder) as tmp:
+    with atomic_dir(folder) as tmp:
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(tmp / PARAMS_SUBDIR, params.weights)
         (tmp / "config.json").write_text(json.dumps(params.config.to_hf_dict(), indent=2))

@@ -7,6 +7,7 @@ runs compile less.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import jax
@@ -17,6 +18,9 @@ CACHE_DIR = Path(__file__).resolve().parent.parent / ".jax_cache"
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# Tokenizers converted from GGUF files are kept beside the compiled programs (and inherited by the
+# notebooks' kernels and the CLI subprocesses), not in the user's ~/.cache.
+os.environ.setdefault("SWIFTKV_JAX_TOKENIZER_CACHE", str(CACHE_DIR / "tokenizers"))
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -75,3 +75,20 @@ def test_tokenizer_without_torch_equals_transformers_gguf_tokenizer():
         assert chat_ids(ours, q) == chat_ids(ref, q)
         assert ours.encode(q) == ref.encode(q)
     assert ours.eos_token_id == ref.eos_token_id and ours.bos_token_id == ref.bos_token_id
+
+
+def test_tokenizer_cached_on_disk_encodes_like_transformers(tmp_path, monkeypatch):
+    """The GGUF tokenizer is converted once and then loaded from its cache folder; the cached one
+    must still encode (text, chat template, special tokens) like transformers' GGUF tokenizer."""
+    from swiftkv_jax.gguf_io import cached_gguf_tokenizer
+    monkeypatch.setenv("SWIFTKV_JAX_TOKENIZER_CACHE", str(tmp_path))
+    path = sk.default_model_path()
+    cached_gguf_tokenizer(path)  # converts and writes the cache
+    (folder,) = tmp_path.iterdir()
+    assert (folder / "tokenizer.json").exists()
+    ours = cached_gguf_tokenizer(path)  # read back from the folder
+    ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for q in QUESTIONS + ["naïve café — 東京 🙂"]:
+        assert chat_ids(ours, q) == chat_ids(ref, q)
+        assert ours.encode(q) == ref.encode(q)
+    assert ours.eos_token_id == ref.eos_token_id and ours.bos_token_id == ref.bos_token_id
