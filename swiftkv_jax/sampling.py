@@ -20,8 +20,9 @@ CANDIDATES = 256
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """Sampling settings as traced arrays (scalars, or one value per row [B]): new values never
-    recompile. temperature 0 = greedy; top_k 0 and top_p 1 switch those filters off."""
+    """Sampling settings as traced scalar arrays: new values never recompile. temperature 0 =
+    greedy; top_k 0 and top_p 1 switch those filters off. (One value for the whole batch: sample()
+    branches on them with lax.cond; per-row values are the engine's to add.)"""
 
     temperature: jax.Array
     top_k: jax.Array
