@@ -6,6 +6,7 @@ of the Hugging Face layout applies (as transformers' own GGUF loader does).
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,16 @@ from .params import HEADS, KV_HEADS, SCHEMA, Params, TensorKind
 from .weights import WeightsError, params_from_tensors
 
 
-def _gguf_to_hf() -> tuple[dict[str, TensorKind], dict[str, TensorKind]]:
-    """llama.cpp name -> schema kind, for model-level and per-layer ("blk.{i}.") names."""
+@functools.lru_cache(maxsize=1)
+def _gguf_kinds() -> tuple[dict[str, TensorKind], dict[str, TensorKind]]:
+    """llama.cpp name -> schema kind, for model-level and per-layer ("blk.{i}.") names (built once)."""
     model = {k.gguf: k for k in SCHEMA if k.gguf and k.where == "model"}
     layer = {k.gguf.split(".", 2)[2]: k for k in SCHEMA if k.gguf and k.where != "model"}
     return model, layer
 
 
 def _kind_of(gguf_name: str) -> tuple[TensorKind, int | None] | None:
-    model, layer = _gguf_to_hf()
+    model, layer = _gguf_kinds()
     if gguf_name in model:
         return model[gguf_name], None
     parts = gguf_name.split(".", 2)
