@@ -80,6 +80,16 @@ class TensorKind:
         """The key path of this tensor (of `layer` for per-layer kinds)."""
         return tuple(layer if p == "*" else p for p in self.name.split("/"))
 
+    @property
+    def stacked(self) -> bool:
+        """One array stacking a tensor per group leader on axis 0 (SwiftKV's K/V projections)."""
+        return self.where == "leaders"
+
+    @property
+    def per_layer(self) -> bool:
+        """One array in each layer's tree (a list over layers in trainable_of)."""
+        return self.where in ("layers", "upper")
+
     def present(self, cfg: ModelConfig) -> bool:
         """Whether a model of `cfg` has this tensor at all."""
         return {"always": True, "untied": not cfg.tie_word_embeddings, "swiftkv": cfg.swiftkv}[self.when]
@@ -155,18 +165,13 @@ class Tensor:
         return tuple(self.kind.hf.format(i=i) for i in self._hf_layers)
 
     @property
-    def gguf_name(self) -> str | None:
-        """Its llama.cpp name, or None."""
-        return None if self.kind.gguf is None else self.kind.gguf.format(i=self.layer)
-
-    @property
     def _hf_layers(self) -> tuple[Any, ...]:
         return self.layer if isinstance(self.layer, tuple) else (self.layer,)
 
     @property
     def slice_shape(self) -> tuple[int, ...]:
         """The shape of one HF tensor of it (a stacked kind stacks several)."""
-        return self.shape[1:] if self.kind.where == "leaders" else self.shape
+        return self.shape[1:] if self.kind.stacked else self.shape
 
     def _matrix(self) -> tuple[int, int]:
         s, n = self.slice_shape, self.kind.in_axes
@@ -195,7 +200,7 @@ def tensors(cfg: ModelConfig, teacher: bool = True) -> Iterator[Tensor]:
             continue
         if kind.where == "model":
             yield Tensor(kind, None, kind.path(), kind.shape(cfg), False)
-        elif kind.where == "leaders":
+        elif kind.stacked:
             yield Tensor(kind, tuple(range(L, n, g)), kind.path(), kind.shape(cfg), False)
         else:
             for i in kind.layers(cfg):
@@ -263,10 +268,10 @@ def trainable_of(params: "Params") -> Trainable:
     for t in tensors(params.config):
         if t.kind.trainable:
             x = get_path(params.weights, t.path)
-            if t.kind.where in ("model", "leaders"):
-                out[t.kind.name] = x
-            else:
+            if t.kind.per_layer:
                 out.setdefault(t.kind.name, []).append(x)
+            else:
+                out[t.kind.name] = x
     return out
 
 
@@ -279,7 +284,7 @@ def merge(trainable: Trainable, params: "Params") -> "Params":
         if not t.kind.trainable:
             continue
         new = trainable[t.kind.name]
-        if t.kind.where not in ("model", "leaders"):
+        if t.kind.per_layer:
             j = counters.get(t.kind.name, 0)
             new, counters[t.kind.name] = new[j], j + 1
         # Copy the dicts on the way (nested model-level kinds such as swiftkv/norm/weight).

@@ -62,7 +62,7 @@ def params_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], name
         if t.optional and not set(t.hf_names) <= names:
             continue
         slices = [fetch(name, t) for name in t.hf_names]
-        set_path(weights, t.path, np.stack(slices) if t.kind.where == "leaders" else slices[0])
+        set_path(weights, t.path, np.stack(slices) if t.kind.stacked else slices[0])
     bar.close()
     return Params(jax.tree.map(jnp.asarray, weights), cfg)
 
@@ -75,7 +75,7 @@ def params_to_tensors(params: Params) -> Iterator[tuple[str, np.ndarray]]:
             x = host(get_path(params.weights, t.path))
         except KeyError:  # a teacher-only tensor this checkpoint does not hold
             continue
-        slices = x if t.kind.where == "leaders" else [x]
+        slices = x if t.kind.stacked else [x]
         for name, part in zip(t.hf_names, slices, strict=True):
             yield name, t.to_hf(part)
 
