@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import swiftkv_jax as sk  # noqa: E402
 from common import RESULTS_DIR, CpuShare, emptied, log  # noqa: E402
-from swiftkv_jax.generate import prefill, prefill_bucket  # noqa: E402
+from swiftkv_jax.generate import prefill_chunked  # noqa: E402
 
 FLOOR_SHARED_SPEEDUP = 5.0
 FLOOR_OVERHEAD = 0.05
@@ -99,15 +99,15 @@ def no_overlap(params, cache, args, rng) -> dict[str, Any]:
     with_index, bare = [], []
     cache = cache.clear()
     hits_before = cache.stats()["hit_tokens"]
-    bucket = prefill_bucket(length, cache.max_length)
     for p in prompts:  # interleaved: generate() whose lookups all miss, then a bare prefill
         t, _, cache = ttft(params, cache, p, args.new_tokens, reuse=True)
         with_index.append(t)
-        x = np.zeros((cache.batch_size, bucket), np.int32)
+        x = np.zeros((cache.batch_size, cache.max_length), np.int32)
         x[0, :length] = p
         cache = emptied(cache)
         start = time.perf_counter()
-        logits, cache = prefill(params, cache, jnp.asarray(x), jnp.asarray([length], jnp.int32))
+        logits, cache = prefill_chunked(params, cache, x, np.zeros((1,), np.int32),
+                                        np.asarray([length], np.int32))
         logits.block_until_ready()
         bare.append(time.perf_counter() - start)
     assert cache.stats()["hit_tokens"] == hits_before

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import swiftkv_jax as sk
-from swiftkv_jax.generate import MAX_STOP_IDS, decode, prefill, prefill_bucket
+from swiftkv_jax.generate import MAX_STOP_IDS, decode, prefill, prefill_chunked
+from swiftkv_jax.steps import request_keys
 from swiftkv_jax.sampling import SamplingParams
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # where the scripts write by default
@@ -140,20 +141,17 @@ def emptied(cache: sk.KVCache) -> sk.KVCache:
 
 def ours_prefill(params: sk.Params, length: int, new_tokens: int, repeats: int) -> Timing:
     """Times our jitted prefill of a [1, length] prompt into a cache sized for generation."""
-    tokens = jnp.asarray(random_prompts(params.config.vocab_size, 1, length))
-    num_new = jnp.asarray([length], jnp.int32)
     cache = sk.init_cache(params, 1, length + new_tokens)
-    if prefill_bucket(length, cache.max_length) != length:
-        log(f"  note: length {length} is not a power of two; ours pads it to "
-            f"{prefill_bucket(length, cache.max_length)} as generate() would")
-        tokens = jnp.pad(tokens, ((0, 0), (0, prefill_bucket(length, cache.max_length) - length)))
+    tokens = np.zeros((1, cache.max_length), np.int32)
+    tokens[0, :length] = random_prompts(params.config.vocab_size, 1, length)[0]
+    start_at, lengths = np.zeros((1,), np.int32), np.asarray([length], np.int32)
 
     def run() -> float:
         nonlocal cache
         cache = emptied(cache)
         cache.lengths.block_until_ready()
-        start = time.perf_counter()
-        logits, cache = prefill(params, cache, tokens, num_new)
+        start = time.perf_counter()  # chunked as generate() prefills (pads less than one chunk)
+        logits, cache = prefill_chunked(params, cache, tokens, start_at, lengths)
         logits.block_until_ready()
         return time.perf_counter() - start
 
@@ -177,9 +175,10 @@ def ours_decode(params: sk.Params, batch: int, new_tokens: int, repeats: int) ->
     cache = sk.init_cache(params, batch, DECODE_PROMPT_LEN + new_tokens)
     tokens = jnp.asarray(prompts)
     num_new = jnp.full((batch,), DECODE_PROMPT_LEN, jnp.int32)
-    stop = np.full((MAX_STOP_IDS,), -1, np.int32)  # -1 never matches: all tokens are generated
-    args = (jnp.ones((batch,), bool), jax.random.PRNGKey(SEED), jnp.int32(new_tokens),
-            SamplingParams.make(), jnp.asarray(stop))
+    stop = np.full((batch, MAX_STOP_IDS), -1, np.int32)  # -1 never matches: all tokens are generated
+    ones = jnp.ones((batch,), jnp.int32)
+    args = (ones, jnp.full((batch,), new_tokens, jnp.int32), SamplingParams.make(),
+            request_keys([SEED] * batch, np.arange(batch)), jnp.asarray(stop), jnp.int32(new_tokens - 1))
     generated: list[int] = []
     row0: list[int] = []
 
@@ -188,11 +187,12 @@ def ours_decode(params: sk.Params, batch: int, new_tokens: int, repeats: int) ->
         logits, cache = prefill(params, emptied(cache), tokens, num_new)
         logits.block_until_ready()
         start = time.perf_counter()
-        out, counts, cache = decode(params, cache, logits, *args)
-        counts.block_until_ready()
+        first = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # greedy token 0, from prefill
+        result, cache = decode(params, cache, None, first, *args, out_len=new_tokens)
+        result.counts.block_until_ready()
         elapsed = time.perf_counter() - start
-        generated.append(int(np.asarray(counts).sum()))
-        row0 = np.asarray(out)[0, :new_tokens].tolist()
+        generated.append(int(np.asarray(result.counts).sum()))
+        row0 = [int(first[0])] + np.asarray(result.out)[0, :new_tokens - 1].tolist()
         return elapsed
 
     timing = time_calls(run, repeats)

@@ -200,12 +200,15 @@ def pack(tokenizer: Any, examples: Sequence[Example], seq_len: int, assistant_on
 
 def split_held_out(examples: Sequence[Example], percent: float) -> tuple[list[Example], list[Example]]:
     """(train, held-out): an example is held out by a hash of its content, so the split is fixed
-    whatever the order or number of examples."""
-    train, held = [], []
-    for ex in examples:
-        key = zlib.crc32(json.dumps(ex, sort_keys=True).encode()) % 10000
-        (held if key < percent * 100 else train).append(ex)
-    return train, held
+    whatever the order or number of examples. A set so small that no hash falls in the held-out
+    range still holds out one example (the smallest hash), so there is always something to
+    evaluate on."""
+    keys = [zlib.crc32(json.dumps(ex, sort_keys=True).encode()) % 10000 for ex in examples]
+    held_out = [k < percent * 100 for k in keys]
+    if len(examples) > 1 and percent > 0 and not any(held_out):
+        held_out[min(range(len(keys)), key=keys.__getitem__)] = True
+    train = [ex for ex, h in zip(examples, held_out) if not h]
+    return train, [ex for ex, h in zip(examples, held_out) if h]
 
 
 # --- the built-in ShareGPT self-distillation set --------------------------------------------

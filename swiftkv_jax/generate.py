@@ -1,14 +1,15 @@
-"""generate(): bucketed prefill, then the whole decode loop as one lax.while_loop in one jit.
+"""generate(): one batch of prompts, start to end, on the engine's jitted steps (steps.py).
 
-Prompt lengths, max_new_tokens, sampling values and stop ids are traced arrays, so a new prompt
-inside a length bucket or new sampling settings never recompile. The cache is donated to both
-jitted steps, so XLA updates it in place.
+The rows' prompts are prefilled together in chunks (a power-of-two bucket up to 256 tokens, so a
+long prompt pads less than one chunk), then the whole decode runs as one lax.while_loop. Prompt
+lengths, max_new_tokens, sampling values and stop ids are traced arrays, so a new prompt inside a
+chunk bucket or new sampling settings never recompile. For a stream of requests that start and
+end independently, use the Engine (engine.py), which runs the same steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Sequence
 
@@ -17,91 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import KVCache, init_cache
-from .model import forward
 from .params import Params
-from .prefix_cache import admit, register, weights_namespace
-from .sampling import SamplingParams, sample
+from .prefix_cache import admit, register
+from .request import MAX_STOP_IDS, GenerateError, SamplingOptions, check_prompt  # noqa: F401
+from .sampling import SamplingParams
+from .steps import (DEFAULT_CHUNK_SIZE, MIN_CHUNK, chunk_bucket, decode, first_tokens,
+                    namespace_of, prefill, request_keys, to_host)
 
-MIN_BUCKET = 16
-MAX_STOP_IDS = 8  # stop ids are padded to this many so their number never recompiles
-
-
-class GenerateError(ValueError):
-    """A generate() request that cannot run as given; the message says what to change."""
+MIN_BUCKET = MIN_CHUNK  # the smallest prefill chunk (and auto-sized cache)
 
 
 def prefill_bucket(length: int, max_length: int) -> int:
-    """Padded prompt length: the next power of two >= MIN_BUCKET, capped at the cache size."""
-    return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), max_length)
-
-
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def prefill(params: Params, cache: KVCache, tokens: jax.Array, num_new: jax.Array
-            ) -> tuple[jax.Array, KVCache]:
-    """Runs each row's uncached prompt tokens after its cached prefix (cache.lengths); returns
-    the last-token logits [B, V]."""
-    return forward(params, cache, tokens, num_new)
-
-
-namespace_of = jax.jit(weights_namespace)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DecodeState:
-    """The state of the decode while_loop (all arrays, B = cache rows).
-
-    step:   loop iteration; token `step` of every row's output is written next
-    token:  [B] each row's last sampled token (the next step's input)
-    done:   [B] rows that stopped (stop id, max_new_tokens, full cache, or batch padding)
-    out:    [B, max_length] generated tokens, 0 after a row's end
-    counts: [B] real tokens generated per row
-    cache:  the KV cache, threaded through every step
-    key:    the PRNG key of the next draw
-    """
-
-    step: jax.Array
-    token: jax.Array
-    done: jax.Array
-    out: jax.Array
-    counts: jax.Array
-    cache: KVCache
-    key: jax.Array
-
-
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def decode(params: Params, cache: KVCache, logits: jax.Array, active: jax.Array, key: jax.Array,
-           max_new_tokens: jax.Array, sampling: SamplingParams, stop_ids: jax.Array
-           ) -> tuple[jax.Array, jax.Array, KVCache]:
-    """Samples up to `max_new_tokens` per row from the prefill `logits`, in one while_loop.
-
-    Returns tokens [B, cache.max_length] (the first `counts[b]` are real), counts [B], cache.
-    A row stops after a token in `stop_ids` (not included in its output) or when it is not
-    `active` (batch padding).
-    """
-    batch, capacity = cache.batch_size, cache.max_length
-
-    def emit(s: DecodeState, logits: jax.Array) -> DecodeState:
-        key, sub = jax.random.split(s.key)
-        tok = sample(logits, sub, sampling)
-        done = s.done | jnp.isin(tok, stop_ids)
-        out = s.out.at[:, s.step].set(jnp.where(done, 0, tok))
-        counts = s.counts + (~done)
-        done = done | (counts >= max_new_tokens) | (s.cache.lengths >= capacity)
-        return DecodeState(s.step + 1, tok, done, out, counts, s.cache, key)
-
-    def cond(s: DecodeState) -> jax.Array:
-        return (s.step < max_new_tokens) & ~jnp.all(s.done)
-
-    def body(s: DecodeState) -> DecodeState:
-        logits, cache = forward(params, s.cache, s.token[:, None], (~s.done).astype(jnp.int32))
-        return emit(dataclasses.replace(s, cache=cache), logits)
-
-    start = DecodeState(jnp.int32(0), jnp.zeros((batch,), jnp.int32), ~active,
-                        jnp.zeros((batch, capacity), jnp.int32), jnp.zeros((batch,), jnp.int32),
-                        cache, key)
-    end = jax.lax.while_loop(cond, body, emit(start, logits))
-    return end.out, end.counts, end.cache
+    """Padded length of a prefill chunk of `length` tokens: the next power of two >= MIN_BUCKET,
+    capped at the chunk size and the cache size."""
+    return min(chunk_bucket(length, DEFAULT_CHUNK_SIZE), max_length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,15 +71,8 @@ def make_request(params: Params, cache: KVCache, prompt, max_new_tokens: int) ->
     if len(rows) > cache.batch_size:
         raise GenerateError(f"{len(rows)} prompts but the cache holds {cache.batch_size} rows; "
                             f"make the cache with init_cache(params, batch_size={len(rows)}, ...)")
+    rows = [check_prompt(row, vocab, f"prompt {i}") for i, row in enumerate(rows)]
     for i, row in enumerate(rows):
-        if len(row) == 0:
-            raise GenerateError(f"prompt {i} is empty: every prompt needs at least one token id")
-        if not all(isinstance(t, (int, np.integer)) for t in row):
-            raise GenerateError(f"prompt {i} holds something other than integer token ids")
-        bad = [t for t in row if not 0 <= t < vocab]
-        if bad:
-            raise GenerateError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): "
-                                f"{bad[:5]}; was it tokenized for another model?")
         if len(row) + max_new_tokens > cache.max_length:
             raise GenerateError(
                 f"prompt {i} has {len(row)} tokens; with max_new_tokens={max_new_tokens} it needs "
@@ -164,25 +87,17 @@ def make_request(params: Params, cache: KVCache, prompt, max_new_tokens: int) ->
     return Request(rows, tokens, lengths, blocks.astype(np.int32), single)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    """x as numpy; an array spread over several processes (multi-host mesh) is gathered first."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def _admit(cache: KVCache, req: Request, namespace: jax.Array) -> tuple[KVCache, np.ndarray]:
     """Looks up each row's cached prefix and allocates its blocks; the cache rows then hold the
     cached prefixes. Raises, with the cache unchanged, when the pool cannot hold the request."""
     index, table, hit, ok = admit(cache.index, cache.block_table, jnp.asarray(req.tokens),
                                   jnp.asarray(req.lengths), jnp.asarray(req.blocks), namespace)
-    if not bool(_to_host(ok)):
+    if not bool(to_host(ok)):
         raise GenerateError(
             f"the KV pool has {cache.num_blocks} blocks of {cache.block_size} tokens but this request "
             f"needs {int(req.blocks.sum())} (before reuse of cached prefixes); make the cache with more "
             "blocks (init_cache(..., num_blocks=... or pool_bytes=...)) or send fewer or shorter rows")
-    hit = _to_host(hit)
+    hit = to_host(hit)
     lengths = jnp.asarray(hit)
     if isinstance(cache.lengths.sharding, jax.sharding.NamedSharding):  # stays split over rows
         lengths = jax.device_put(hit, cache.lengths.sharding)
@@ -208,15 +123,9 @@ def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: i
         raise GenerateError("params must be swiftkv_jax Params (from swiftkv_jax.load or init_params)")
     if int(max_new_tokens) < 1:
         raise GenerateError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise GenerateError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise GenerateError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise GenerateError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-    stop = tuple(params.config.eos_token_ids if stop_ids is None else stop_ids)
-    if len(stop) > MAX_STOP_IDS:
-        raise GenerateError(f"at most {MAX_STOP_IDS} stop ids are supported, got {len(stop)}")
+    options = SamplingOptions(int(max_new_tokens), temperature, top_k, top_p, seed,
+                              None if stop_ids is None else tuple(stop_ids)).checked(params.config)
+    stop = options.stop_ids
     if cache is None:
         rows, _ = _as_rows(prompt)
         # Sized up to a power of two, like the prefill buckets: other prompt lengths and token
@@ -227,32 +136,53 @@ def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: i
     namespace = namespace_of(params.weights)
     t0 = time.perf_counter()
     cache, hit = _admit(cache, req, namespace)
-    suffix_lengths = req.lengths - hit
-    bucket = prefill_bucket(int(suffix_lengths.max()), cache.max_length)
-    suffix = np.zeros((cache.batch_size, bucket), np.int32)
-    for i, row in enumerate(req.rows):
-        suffix[i, :suffix_lengths[i]] = row[hit[i]:]
-    logits, cache = prefill(params, cache, jnp.asarray(suffix), jnp.asarray(suffix_lengths))
+    logits, cache = prefill_chunked(params, cache, req.tokens, hit, req.lengths)
+    sampling = SamplingParams.make(temperature, top_k, top_p)
+    keys = request_keys([options.seed] * cache.batch_size, np.arange(cache.batch_size))
+    first = to_host(first_tokens(logits, sampling, keys))
     if timings is not None:
-        logits.block_until_ready()
         timings["prefill_s"] = time.perf_counter() - t0
         timings["cached_tokens"] = int(hit.sum())
         t0 = time.perf_counter()
-    stop_arr = np.full((MAX_STOP_IDS,), -1, np.int32)
-    stop_arr[:len(stop)] = stop
-    out, counts, cache = decode(
-        params, cache, logits, jnp.asarray(req.lengths > 0), jax.random.PRNGKey(seed),
-        jnp.int32(max_new_tokens), SamplingParams.make(temperature, top_k, top_p),
-        jnp.asarray(stop_arr))
-    out, counts = _to_host(out), _to_host(counts)
+    stop_arr = np.tile(options.stop_row(), (cache.batch_size, 1))
+    stopped = np.isin(first, stop)
+    budget = np.where((req.lengths > 0) & ~stopped, int(max_new_tokens), 0).astype(np.int32)
+    ids = [[] if stopped[i] else [int(first[i])] for i in range(len(req.rows))]
+    if int(max_new_tokens) > 1 and budget.any():
+        result, cache = decode(params, cache, None, jnp.asarray(first), jnp.ones_like(jnp.asarray(budget)),
+                               jnp.asarray(budget), sampling, keys, jnp.asarray(stop_arr),
+                               jnp.int32(int(max_new_tokens) - 1), out_len=cache.max_length)
+        out, counts = to_host(result.out), to_host(result.counts)
+        for i in range(len(req.rows)):
+            if budget[i]:
+                ids[i] += out[i, :counts[i] - 1].tolist()
     if timings is not None:
         timings["decode_s"] = time.perf_counter() - t0
-    ids = [out[i, :counts[i]].tolist() for i in range(len(req.rows))]
     # Register the rows' full blocks (prompt and answer) so later requests can reuse them.
     written = req.tokens.copy()
     for i, row in enumerate(req.rows):
-        written[i, len(row):len(row) + counts[i]] = ids[i]
+        written[i, len(row):len(row) + len(ids[i])] = ids[i]
     cache = dataclasses.replace(cache, index=register(
         cache.index, cache.block_table, jnp.asarray(written), cache.lengths,
         jnp.asarray(req.blocks), namespace))
     return (ids[0] if req.single else ids), cache
+
+
+def prefill_chunked(params: Params, cache: KVCache, tokens: np.ndarray, start: np.ndarray,
+                    lengths: np.ndarray) -> tuple[jax.Array, KVCache]:
+    """Prefills tokens[b, start[b]:lengths[b]] of every row (all rows in each step, in chunks of
+    at most DEFAULT_CHUNK_SIZE) after the start[b] tokens the row already holds; returns each
+    row's last-prompt-token logits [rows, V] and the cache."""
+    pos, remaining = np.asarray(start).copy(), np.asarray(lengths) - np.asarray(start)
+    last = None
+    while remaining.max() > 0:
+        width = prefill_bucket(int(remaining.max()), cache.max_length)
+        n = np.minimum(remaining, width)
+        chunk = np.zeros((cache.batch_size, width), np.int32)
+        for i in np.flatnonzero(n):
+            chunk[i, :n[i]] = tokens[i, pos[i]:pos[i] + n[i]]
+        logits, cache = prefill(params, cache, jnp.asarray(chunk), jnp.asarray(n.astype(np.int32)))
+        ends = jnp.asarray((n > 0) & (n == remaining))[:, None]
+        last = logits if last is None else jnp.where(ends, logits, last)
+        pos, remaining = pos + n, remaining - n
+    return last, cache

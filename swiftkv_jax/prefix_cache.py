@@ -8,7 +8,8 @@ fixed-size arrays (no host-side hash map):
   * blocks carry ref counts (rows using them in the current request) and a last-used clock;
   * allocation takes free blocks first, then evicts the least recently used unreferenced cached
     block, the tail of a chain before its head.
-`generate` calls admit() before prefill and register() after decode; users call stats/clear.
+A request calls admit() before its prefill, publish() as its blocks are written and release()
+when it ends (register() = both, for a finished batch); users call stats/clear.
 """
 
 from __future__ import annotations
@@ -185,18 +186,19 @@ def admit(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, prompt_le
 
 
 @jax.jit
-def register(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, lengths: jax.Array,
-             blocks_used: jax.Array, namespace: jax.Array) -> PrefixIndex:
-    """After a request: registers every full block whose KV is written (first writer wins when two
-    rows computed the same block), then releases the rows' references.
+def publish(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, lengths: jax.Array,
+            namespace: jax.Array) -> PrefixIndex:
+    """Registers every full block whose KV is written, so later requests can reuse it at once
+    (the engine publishes a prompt's blocks chunk by chunk, while the request still runs).
 
     tokens [B, max_length] hold each row's prompt and generated tokens; lengths [B] how many have
-    their KV in the cache; blocks_used [B] how many table entries admit() gave the row.
+    their KV in the cache. A block already registered (by this row earlier, or first by another
+    row that computed the same tokens) stays the chain's block. References are left as they are.
     """
     block_size = tokens.shape[1] // block_table.shape[1]
 
     def row(idx, xs):
-        toks, table, length, used = xs
+        toks, table, length = xs
         hashes = chain_hashes(toks, block_size, namespace, idx.hash_mask)
 
         def block(carry, xs):
@@ -206,8 +208,8 @@ def register(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, length
             found, existing = _matching_block(idx, h, prev, content, namespace)
             new = full & ~found
             at = jnp.where(new, bid, idx.registered.size)
-            # A block another row registered first stays the chain's block; touch it so a parent is
-            # never less recent than its children (eviction takes a chain's tail first).
+            # A block registered first stays the chain's block; touch it so a parent is never less
+            # recent than its children (eviction takes a chain's tail first).
             touch = jnp.where(full & found, existing, idx.registered.size)
             idx = dataclasses.replace(
                 idx,
@@ -223,11 +225,26 @@ def register(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, length
 
         xs = (jnp.arange(table.size), hashes, table, toks.reshape(-1, block_size))
         (idx, _), _ = jax.lax.scan(block, (idx, jnp.int32(NO_PARENT)), xs)
-        release = jnp.where(jnp.arange(table.size) < used, table, idx.ref_count.size)
-        return dataclasses.replace(idx, ref_count=idx.ref_count.at[release].add(-1, mode="drop")), None
+        return idx, None
 
-    idx, _ = jax.lax.scan(row, idx, (tokens, block_table, lengths, blocks_used))
+    idx, _ = jax.lax.scan(row, idx, (tokens, block_table, lengths))
     return idx
+
+
+@jax.jit
+def release(idx: PrefixIndex, block_table: jax.Array, blocks_used: jax.Array) -> PrefixIndex:
+    """Drops the rows' references to the first `blocks_used` [B] blocks of their tables (those
+    admit() gave them): unregistered blocks become free, registered ones stay cached for reuse."""
+    used = jnp.arange(block_table.shape[1]) < blocks_used[:, None]
+    drop = jnp.where(used, block_table, idx.ref_count.size)
+    return dataclasses.replace(idx, ref_count=idx.ref_count.at[drop.reshape(-1)].add(-1, mode="drop"))
+
+
+def register(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, lengths: jax.Array,
+             blocks_used: jax.Array, namespace: jax.Array) -> PrefixIndex:
+    """After a request: publishes every written full block (first writer wins when two rows
+    computed the same block), then releases the rows' references."""
+    return release(publish(idx, block_table, tokens, lengths, namespace), block_table, blocks_used)
 
 
 @jax.jit

@@ -100,6 +100,13 @@ def test_held_out_split_is_fixed_by_content():
     assert not {e["text"] for e in held2} & {e["text"] for e in train}
 
 
+def test_a_tiny_set_still_holds_one_example_out():
+    examples = [{"text": f"tiny {i}"} for i in range(5)]
+    train, held = data.split_held_out(examples, 1)  # no hash is likely below 100 of 10000
+    assert len(held) >= 1 and len(train) + len(held) == 5
+    assert data.split_held_out(examples, 1) == (train, held)
+
+
 def test_json_array_reader_stops_at_a_cut_off_record():
     records = [{"id": i, "conversations": [{"from": "human", "value": f"q {i}"}]} for i in range(3)]
     text = json.dumps(records, indent=1)

@@ -1,0 +1,181 @@
+"""The jitted device steps that the engine and generate() share: one code path for the cache.
+
+Each step works on some rows ("slots") of one KV cache: it gathers those rows' block tables and
+lengths, runs the model on them over the shared pools, and scatters the lengths back. Slot ids
+past the last row are padding: their tokens are not written and their results are ignored, so a
+step's shapes come from a few buckets and never from the request mix. The cache is donated to
+every step, so XLA updates the pools in place.
+
+  prefill:      one chunk of prompt tokens per row, after what the row already holds
+  first_tokens: the first token of each row from its last prefill logits
+  decode:       up to `steps` tokens per row in one lax.while_loop (the whole decode in XLA)
+  install:      puts admitted rows' block tables and cached-prefix lengths into their slots
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cache import KVCache
+from .model import forward
+from .params import Params
+from .prefix_cache import weights_namespace
+from .sampling import SamplingParams, sample
+
+DEFAULT_CHUNK_SIZE = 256  # prompt tokens per prefill step: long prompts pad at most one chunk
+MIN_CHUNK = 16  # the smallest chunk bucket
+
+namespace_of = jax.jit(weights_namespace)
+
+
+def _rows(cache: KVCache, slots: jax.Array | None) -> KVCache:
+    """The cache seen by `slots` (all rows when None): same pools, those rows' tables and lengths."""
+    if slots is None:
+        return cache
+    return dataclasses.replace(cache, block_table=cache.block_table[slots],
+                               lengths=cache.lengths[slots])
+
+
+def _merge(cache: KVCache, rows: KVCache, slots: jax.Array | None) -> KVCache:
+    """`cache` with the pools of `rows` and its rows' lengths written back (padding dropped)."""
+    if slots is None:
+        return rows
+    return dataclasses.replace(cache, k=rows.k, v=rows.v,
+                               lengths=cache.lengths.at[slots].set(rows.lengths, mode="drop"))
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def prefill(params: Params, cache: KVCache, tokens: jax.Array, num_new: jax.Array,
+            slots: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """Runs a chunk of `tokens` [P, T] (the first `num_new[p]` real) after what rows `slots` [P]
+    hold (default: every row); returns the logits of each row's last real token [P, V] and the
+    cache with the chunk's K/V written and those rows' lengths advanced."""
+    logits, rows = forward(params, _rows(cache, slots), tokens, num_new)
+    return logits, _merge(cache, rows, slots)
+
+
+def token_keys(request_keys: jax.Array, index: jax.Array) -> jax.Array:
+    """The PRNG key of each row's token number `index` [B] from its request key [B, 2]: a
+    request's draws depend on its seed and position only, never on its slot or neighbours."""
+    return jax.vmap(jax.random.fold_in)(request_keys, index)
+
+
+@jax.jit
+def first_tokens(logits: jax.Array, sampling: SamplingParams, request_keys: jax.Array) -> jax.Array:
+    """Token 0 of each row [P] from its last prefill logits [P, V]."""
+    return sample(logits, token_keys(request_keys, jnp.zeros(logits.shape[:1], jnp.int32)), sampling)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """The state of the decode while_loop (arrays over the R decoded rows).
+
+    step:    loop iteration; column `step` of `out` is written next
+    token:   [R] each row's last token, not yet in the cache (the next step's input)
+    counts:  [R] tokens each row has produced so far (its first token included)
+    done:    [R] rows that stopped (stop id, token budget, full cache, or padding)
+    stopped: [R] rows that stopped at a stop id (which is not output)
+    out:     [R, out_len] the tokens produced in this call, 0 after a row's end
+    cache:   the rows' view of the KV cache, threaded through every step
+    """
+
+    step: jax.Array
+    token: jax.Array
+    counts: jax.Array
+    done: jax.Array
+    stopped: jax.Array
+    out: jax.Array
+    cache: KVCache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeResult:
+    """What one decode call gives back to the host, per decoded row."""
+
+    out: jax.Array      # [R, out_len] new tokens, the first `counts - counts_before` real
+    counts: jax.Array   # [R] tokens produced so far, after this call
+    token: jax.Array    # [R] the last token (next call's input)
+    done: jax.Array     # [R] the row has ended
+    stopped: jax.Array  # [R] it ended at a stop id
+    lengths: jax.Array  # [R] tokens with their K/V in the row's cache
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",), static_argnames=("out_len",))
+def decode(params: Params, cache: KVCache, slots: jax.Array | None, token: jax.Array,
+           counts: jax.Array, max_tokens: jax.Array, sampling: SamplingParams,
+           request_keys: jax.Array, stop_ids: jax.Array, steps: jax.Array, *, out_len: int
+           ) -> tuple[DecodeResult, KVCache]:
+    """Up to `steps` (<= out_len) new tokens for rows `slots` [R] (None: every row), one
+    lax.while_loop that ends early when every row is done.
+
+    token [R]: each row's last token (not yet in the cache); counts [R]: tokens it has produced;
+    a row stops at a token in its `stop_ids` [R, MAX_STOP_IDS] (-1 padded; not output), at
+    `max_tokens` [R] produced (0 for padding rows), or when its cache row is full.
+    """
+    view = _rows(cache, slots)
+    capacity = view.max_length
+    steps = jnp.minimum(steps, out_len)
+
+    def cond(s: DecodeState) -> jax.Array:
+        return (s.step < steps) & ~jnp.all(s.done)
+
+    def body(s: DecodeState) -> DecodeState:
+        logits, rows = forward(params, s.cache, s.token[:, None], (~s.done).astype(jnp.int32))
+        tok = sample(logits, token_keys(request_keys, s.counts), sampling)
+        stop = ~s.done & jnp.any(tok[:, None] == stop_ids, axis=1)
+        emit = ~s.done & ~stop
+        counts = s.counts + emit
+        done = s.done | stop | (counts >= max_tokens) | (rows.lengths >= capacity)
+        return DecodeState(s.step + 1, jnp.where(emit, tok, s.token), counts, done,
+                           s.stopped | stop, s.out.at[:, s.step].set(jnp.where(emit, tok, 0)), rows)
+
+    r = token.shape[0]
+    full = (view.lengths >= capacity) | (counts >= max_tokens)
+    start = DecodeState(jnp.int32(0), token, counts, full, jnp.zeros((r,), bool),
+                        jnp.zeros((r, out_len), jnp.int32), view)
+    end = jax.lax.while_loop(cond, body, start)
+    result = DecodeResult(end.out, end.counts, end.token, end.done, end.stopped,
+                          end.cache.lengths)
+    return result, _merge(cache, end.cache, slots)
+
+
+def chunk_bucket(tokens: int, chunk_size: int) -> int:
+    """The padded length of a chunk of `tokens` prompt tokens: the next power of two >= MIN_CHUNK,
+    capped at `chunk_size` (so a prompt's padding is less than one chunk)."""
+    return min(max(MIN_CHUNK, 1 << (max(tokens, 1) - 1).bit_length()), chunk_size)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """x as numpy; an array spread over several processes (multi-host mesh) is gathered first."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+@jax.jit
+def _request_keys(seeds: jax.Array, rows: jax.Array) -> jax.Array:
+    return jax.vmap(lambda s, r: jax.random.fold_in(jax.random.PRNGKey(s), r))(seeds, rows)
+
+
+def request_keys(seeds, rows=None) -> jax.Array:
+    """[B, 2] raw PRNG keys: request b's from its seed and its row in a generate() batch (0 for an
+    engine request, so one prompt sampled alone draws the same either way)."""
+    seeds = np.asarray(seeds, np.int64) % (1 << 32)
+    rows = np.zeros(len(seeds), np.int32) if rows is None else np.asarray(rows, np.int32)
+    return _request_keys(jnp.asarray(seeds.astype(np.uint32)), jnp.asarray(rows))
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def install(cache: KVCache, slots: jax.Array, tables: jax.Array, cached: jax.Array) -> KVCache:
+    """Rows `slots` [P] get block tables `tables` [P, blocks_per_row] (from admit) and lengths
+    `cached` [P] (their cached prefix); the pools are untouched."""
+    return dataclasses.replace(cache, block_table=cache.block_table.at[slots].set(tables, mode="drop"),
+                               lengths=cache.lengths.at[slots].set(cached, mode="drop"))

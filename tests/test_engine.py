@@ -1,0 +1,266 @@
+"""The serving engine: concurrent requests answer exactly as alone, slots and blocks are always
+returned, chunked prefill equals one pass, nothing recompiles after warm-up.
+
+References: each request alone through generate() (itself checked against transformers in
+test_parity_hf.py), transformers' own greedy generate for the plain model, and the uncached
+forward pass for chunked prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import swiftkv_jax as sk
+from swiftkv_jax.engine import Engine, compilations
+from swiftkv_jax.handle import FinishReason
+from swiftkv_jax.request import GenerateError, SamplingOptions
+from swiftkv_jax.steps import prefill
+from conftest import hf_greedy, prompts, rel_err
+
+# One geometry for every engine here, so the suite compiles each step's shapes once per model.
+GEOMETRY = dict(max_slots=4, max_length=96, block_size=8, chunk_size=32, decode_steps=4)
+SHARED = prompts(160, [24], seed=7)[0]  # a 3-block "system prompt" several requests begin with
+
+
+@pytest.fixture(scope="module")
+def plain(gqa_model):
+    folder, _ = gqa_model
+    return sk.load(folder, progress=False)[0]
+
+
+@pytest.fixture(scope="module", params=["plain", "swiftkv_g1", "swiftkv_g2"])
+def model(request, plain):
+    if request.param == "swiftkv_g1":
+        return sk.to_swiftkv(plain, 1, 1)
+    if request.param == "swiftkv_g2":
+        return sk.to_swiftkv(plain, 1, 2)
+    return plain
+
+
+def alone(params, prompt, max_tokens, **kw):
+    """The request by itself through generate(), on a fresh cache."""
+    cache = sk.init_cache(params, 1, GEOMETRY["max_length"], block_size=GEOMETRY["block_size"])
+    kw.setdefault("stop_ids", [])
+    return sk.generate(params, cache, prompt, max_new_tokens=max_tokens, **kw)[0]
+
+
+def workload(seed: int, n: int = 12) -> list[tuple[list[int], int]]:
+    """(prompt, max_tokens) pairs: lengths 1..70, a third starting with SHARED."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, p in enumerate(prompts(160, rng.integers(1, 46, n).tolist(), seed=seed)):
+        out.append(((SHARED + p) if i % 3 == 0 else p, int(rng.integers(1, 20))))
+    return out
+
+
+def greedy(max_tokens: int) -> SamplingOptions:
+    return SamplingOptions(max_tokens=max_tokens, stop_ids=())
+
+
+def assert_all_returned(engine: Engine) -> None:
+    """No slot held, no block referenced; every block free or cached."""
+    s = engine.stats()
+    assert s["running"] == s["waiting"] == 0
+    assert (np.asarray(engine.cache.index.ref_count) == 0).all()
+    assert s["blocks_in_use"] == 0 and s["blocks_cached"] + s["blocks_free"] == s["blocks_total"]
+
+
+def test_concurrent_requests_equal_each_alone(model):
+    """12 requests of different lengths arriving at random steps, a third sharing a prefix."""
+    engine = Engine(model, **GEOMETRY)
+    rng = np.random.default_rng(0)
+    work, handles = workload(0), []
+    while len(handles) < len(work) or not all(h.done for h in handles):
+        for _ in range(int(rng.integers(0, 3))):
+            if len(handles) < len(work):
+                prompt, n = work[len(handles)]
+                handles.append(engine.submit(prompt, greedy(n)))
+        engine.step()
+    for h, (prompt, n) in zip(handles, work):
+        assert h.finish_reason is FinishReason.LENGTH
+        assert h.tokens == alone(model, prompt, n), h
+    stats = engine.stats()
+    assert stats["prefix_hit_tokens"] >= 24 * 2  # later SHARED requests reused its blocks
+    assert_all_returned(engine)
+
+
+def test_engine_answers_like_transformers(gqa_model, plain):
+    _, torch_model = gqa_model
+    engine = Engine(plain, **GEOMETRY)
+    work = workload(1, n=6)
+    handles = [engine.submit(p, greedy(n)) for p, n in work]
+    for h, (p, n) in zip(handles, work):
+        assert h.result() == hf_greedy(torch_model, p, n)
+
+
+def test_seeded_sampling_is_reproducible_per_request(plain):
+    prompt = prompts(160, [13], seed=3)[0]
+    mine = SamplingOptions(max_tokens=16, temperature=1.0, top_k=20, top_p=0.9, seed=5, stop_ids=())
+    engine = Engine(plain, **GEOMETRY)
+    solo = engine.submit(prompt, mine).result()
+    others = [engine.submit(p, SamplingOptions(max_tokens=n, temperature=t, seed=i, stop_ids=()))
+              for i, ((p, n), t) in enumerate(zip(workload(2, n=5), [0.7, 0.0, 1.3, 1.0, 0.5]))]
+    crowded = engine.submit(prompt, mine)
+    assert crowded.result() == solo  # same seed and prompt: same draws, whatever runs beside it
+    assert solo == alone(plain, prompt, 16, temperature=1.0, top_k=20, top_p=0.9, seed=5)
+    assert engine.submit(prompt, dataclasses.replace(mine, seed=6)).result() != solo
+    [h.result() for h in others]
+    assert_all_returned(engine)
+
+
+@pytest.mark.parametrize("chunks", [[45], [8, 16, 21], [5, 27, 13], [16, 16, 13], [1, 44]])
+def test_chunked_prefill_equals_one_pass(model, chunks):
+    """Chunk boundaries on blocks (8, 16, 24, 32) and inside them; reference: the uncached forward."""
+    tokens = prompts(160, [45], seed=11)[0]
+    want, _ = sk.forward(model, None, jnp.asarray([tokens]))
+    cache = sk.init_cache(model, 1, 64, block_size=8)
+    start = 0
+    for n in chunks:
+        chunk = np.zeros((1, max(16, 1 << (n - 1).bit_length())), np.int32)
+        chunk[0, :n] = tokens[start:start + n]
+        logits, cache = prefill(model, cache, jnp.asarray(chunk), jnp.asarray([n], jnp.int32))
+        start += n
+    assert rel_err(logits[0], want[0]) <= 1e-4
+
+
+def test_cancel_mid_prefill_and_mid_decode_frees_the_slot(plain):
+    engine = Engine(plain, **{**GEOMETRY, "chunk_size": 16})
+    long_prompt = prompts(160, [80], seed=4)[0]
+    h = engine.submit(long_prompt, greedy(8))
+    engine.step()  # one chunk of 16 of its 80 prompt tokens
+    assert engine.stats()["prefilling"] == 1 and not h.tokens
+    h.cancel()
+    engine.step()
+    assert h.finish_reason is FinishReason.CANCELLED and not h.tokens
+    assert_all_returned(engine)
+    h = engine.submit(prompts(160, [10], seed=5)[0], greedy(40))
+    while not h.tokens:
+        engine.step()
+    h.cancel()
+    engine.step()
+    assert h.finish_reason is FinishReason.CANCELLED and 0 < len(h.tokens) < 40
+    assert_all_returned(engine)
+    prompt = prompts(160, [30], seed=6)[0]  # the engine still answers exactly
+    assert engine.submit(prompt, greedy(10)).result() == alone(plain, prompt, 10)
+
+
+POOL = [p for p, _ in workload(3, n=6)]
+
+
+@pytest.fixture(scope="module")
+def pool_answers(plain):
+    return [alone(plain, p, 12) for p in POOL]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["submit", "cancel", "step"]), st.integers(0, 5),
+                          st.integers(1, 12)), min_size=1, max_size=25))
+def test_random_submits_and_cancels_return_every_block(plain, pool_answers, ops):
+    engine = Engine(plain, **{**GEOMETRY, "num_blocks": 24})  # room for about two requests
+    handles = []
+    for op, i, n in ops:
+        if op == "submit":
+            handles.append((engine.submit(POOL[i], greedy(n)), i, n))
+        elif op == "cancel" and handles:
+            handles[i % len(handles)][0].cancel()
+        else:
+            for _ in range(n % 4):
+                engine.step()
+    while any(not h.done for h, _, _ in handles):
+        engine.step()
+    for h, i, n in handles:
+        assert h.finish_reason in (FinishReason.LENGTH, FinishReason.CANCELLED)
+        assert h.tokens == pool_answers[i][:len(h.tokens)]  # exact, however far it got
+        if h.finish_reason is FinishReason.LENGTH:
+            assert len(h.tokens) == n
+    assert_all_returned(engine)
+
+
+def test_no_recompilation_after_warmup(plain):
+    engine = Engine(plain, **GEOMETRY)
+    engine.warmup()
+    before = compilations()
+    rng = np.random.default_rng(9)
+    for round_ in range(3):
+        work = workload(10 + round_, n=int(rng.integers(1, 9)))
+        handles = [engine.submit(p, SamplingOptions(
+            max_tokens=n, temperature=float(rng.choice([0.0, 0.8, 1.5])), top_k=int(rng.integers(0, 50)),
+            top_p=float(rng.uniform(0.5, 1.0)), seed=int(rng.integers(1 << 30)),
+            stop_ids=tuple(rng.integers(3, 160, int(rng.integers(0, 4))).tolist())))
+            for p, n in work]
+        [h.result() for h in handles]
+    assert compilations() == before
+
+
+def test_pool_pressure_makes_requests_wait_and_a_request_that_never_fits_is_refused(plain):
+    engine = Engine(plain, **{**GEOMETRY, "num_blocks": 12})  # one full row: two 5-block requests
+    work = [(p, 10) for p in prompts(160, [30, 28, 33, 25, 31, 29], seed=8)]
+    handles = [engine.submit(p, greedy(n)) for p, n in work]
+    engine.step()
+    assert engine.stats()["waiting"] >= 3  # free slots, but the pool holds only two
+    for h, (p, n) in zip(handles, work):
+        assert h.result() == alone(plain, p, n)
+    with pytest.raises(GenerateError, match="max_length"):
+        engine.submit(prompts(160, [90], seed=9)[0], greedy(7))
+    assert_all_returned(engine)
+
+
+def test_streaming_with_a_background_loop_plain_and_async(plain):
+    work = workload(4, n=5)
+    want = [alone(plain, p, n) for p, n in work]
+    with Engine(plain, **GEOMETRY) as engine:
+        h = engine.submit(work[0][0], greedy(work[0][1]))
+        seen = []
+        for token in h:
+            seen.append((token, len(h.tokens)))
+        assert [t for t, _ in seen] == want[0]
+        if len(want[0]) > GEOMETRY["decode_steps"] + 1:  # tokens came while the request ran
+            assert seen[0][1] < len(want[0])
+
+        async def read(handle):
+            return [t async for t in handle]
+
+        async def main():
+            hs = [engine.submit(p, greedy(n)) for p, n in work]
+            return await asyncio.gather(*(read(x) for x in hs))
+
+        assert asyncio.run(main()) == want
+    assert not engine.running
+
+
+@pytest.mark.parametrize("prompt,options,message", [
+    ([1, 2, 500], greedy(4), "outside the vocabulary"),
+    ([], greedy(4), "empty"),
+    ([1, 2], SamplingOptions(max_tokens=0), "max_tokens"),
+    ([1, 2], SamplingOptions(temperature=-1.0), "temperature"),
+    ([1, 2], SamplingOptions(top_p=1.5), "top_p"),
+    ("some text", greedy(4), "token ids"),
+])
+def test_a_bad_request_is_refused_and_harms_no_other(plain, prompt, options, message):
+    engine = Engine(plain, **GEOMETRY)
+    work = workload(5, n=3)
+    handles = [engine.submit(p, greedy(n)) for p, n in work]
+    engine.step()
+    with pytest.raises(GenerateError, match=message):
+        engine.submit(prompt, options)
+    for h, (p, n) in zip(handles, work):
+        assert h.result() == alone(plain, p, n)
+
+
+def test_stats_count_requests_tokens_and_latencies(plain):
+    engine = Engine(plain, **GEOMETRY)
+    work = workload(6, n=6)
+    handles = [engine.submit(p, greedy(n)) for p, n in work]
+    [h.result() for h in handles]
+    s = engine.stats()
+    assert s["finished"]["length"] == 6 and s["decode_tokens"] == sum(n - 1 for _, n in work)
+    assert s["prefill_tokens"] + s["prefix_hit_tokens"] == sum(len(p) for p, _ in work)
+    assert 0 < s["ttft_p50_s"] <= s["ttft_p99_s"]
+    assert s["tokens_per_step"] > 1
