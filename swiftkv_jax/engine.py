@@ -56,13 +56,14 @@ class Engine:
     max_slots: requests decoded together (cache rows). max_length: prompt + output tokens one
     request may hold. num_blocks / pool_bytes: the KV pool shared by all slots and the prefix
     cache (default: every slot full). chunk_size: prompt tokens per step. decode_steps: decode
-    tokens per step (tokens reach readers in groups of up to this many).
+    tokens per step (tokens reach readers in groups of up to this many). prefix_cache False:
+    no request reuses another's blocks (each gets its own namespace; for measuring the cache).
     """
 
     def __init__(self, params: Params, *, max_slots: int = 8, max_length: int = 2048,
                  num_blocks: int | None = None, pool_bytes: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 decode_steps: int = 8):
+                 decode_steps: int = 8, prefix_cache: bool = True):
         if not isinstance(params, Params):
             raise GenerateError("params must be swiftkv_jax Params (from swiftkv_jax.load or init_params)")
         if chunk_size < MIN_CHUNK or chunk_size & (chunk_size - 1):
@@ -77,6 +78,7 @@ class Engine:
         self.max_slots, self.max_length = max_slots, self.cache.max_length
         self.chunk_size, self.decode_steps = chunk_size, decode_steps
         self._namespace = namespace_of(params.weights)
+        self.prefix_cache = prefix_cache
         self._scheduler = Scheduler(max_slots, chunk_size, block_size)
         self._ids = itertools.count()
         self._step_lock = threading.RLock()
@@ -109,7 +111,10 @@ class Engine:
                 f"{self.cache.num_blocks}; give the Engine more num_blocks or pool_bytes")
         handle = RequestHandle(self, next(self._ids), prompt)
         key = np.asarray(request_keys([options.seed])[0])
-        self._scheduler.add(Sequence(handle, np.asarray(prompt, np.int32), options, key, blocks))
+        namespace = self._namespace if self.prefix_cache else self._namespace ^ jnp.uint32(
+            (handle.id * 0x9E3779B1 + 1) & 0xFFFFFFFF)
+        self._scheduler.add(Sequence(handle, np.asarray(prompt, np.int32), options, key, blocks,
+                                     namespace))
         self._wake.set()
         return handle
 
@@ -187,7 +192,7 @@ class Engine:
         tokens[0, :len(seq.prompt)] = seq.prompt
         index, table, hit, ok = admit(cache.index, jnp.zeros((1, cache.block_table.shape[1]), jnp.int32),
                                       jnp.asarray(tokens), jnp.asarray([len(seq.prompt)], jnp.int32),
-                                      jnp.asarray([seq.blocks], jnp.int32), self._namespace)
+                                      jnp.asarray([seq.blocks], jnp.int32), seq.namespace)
         if not bool(to_host(ok)):
             return False
         cached = int(to_host(hit)[0])
@@ -272,7 +277,7 @@ class Engine:
         """Registers the request's written full blocks in the prefix index."""
         self.cache = dataclasses.replace(self.cache, index=publish(
             self.cache.index, jnp.asarray(seq.table[None]), jnp.asarray(seq.written(self.max_length)[None]),
-            jnp.asarray([seq.kv_len], jnp.int32), self._namespace))
+            jnp.asarray([seq.kv_len], jnp.int32), seq.namespace))
 
     def _end(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
         """Ends a request: publishes what it wrote, releases its blocks, frees its slot."""

@@ -42,6 +42,7 @@ class RequestHandle:
         self.cached_tokens = 0  # prompt tokens taken from the prefix cache
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
+        self.token_times: list[float] = []  # perf_counter() when each token was delivered
         self.finished_at: float | None = None
         self._engine = engine
         self._cond = threading.Condition()
@@ -123,12 +124,16 @@ class RequestHandle:
             if tokens and self.first_token_at is None:
                 self.first_token_at = now
             self.tokens.extend(tokens)
+            self.token_times.extend([now] * len(tokens))
             if finish is not None and not self.done:
                 self.finish_reason, self.error, self.finished_at = finish, error, now
             self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
         for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that reader's event loop has closed: nobody is waiting
+                pass
 
     def __repr__(self) -> str:
         state = self.finish_reason.value if self.done else "running"

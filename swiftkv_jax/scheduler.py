@@ -13,7 +13,7 @@ import collections
 import dataclasses
 import enum
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -42,6 +42,7 @@ class Sequence:
     options: SamplingOptions   # checked: seed and stop ids filled in
     key: np.ndarray            # [2] uint32, the request's PRNG key
     blocks: int                # KV blocks it reserves: prompt + max_tokens
+    namespace: Any             # [] uint32: the prefix-index namespace its blocks live in
     phase: Phase = Phase.WAITING
     slot: int = -1
     table: np.ndarray | None = None  # its block table, from admission
@@ -101,6 +102,8 @@ class Scheduler:
     def _waits_for_shared_prefix(self, seq: Sequence) -> bool:
         """Whether a prompt being prefilled will soon publish blocks this one could reuse."""
         for other in self._prefilling:
+            if other.namespace is not seq.namespace:
+                continue
             shared = self._shared_blocks(seq.prompt, other.prompt)
             if shared and other.pos < shared * self.block_size:
                 return True

@@ -90,6 +90,19 @@ def test_concurrent_requests_equal_each_alone(model):
     assert_all_returned(engine)
 
 
+def test_a_shared_prompt_is_reused_while_its_first_request_still_runs(model):
+    """Blocks are published as their chunk is written, and a request sharing a prefix waits for
+    them instead of computing them again in the same step."""
+    engine = Engine(model, **{**GEOMETRY, "chunk_size": 64})  # room for both prompts in one step
+    first_tail, second_tail = prompts(160, [6, 9], seed=12)
+    a = engine.submit(SHARED + first_tail, greedy(19))
+    b = engine.submit(SHARED + second_tail, greedy(3))
+    assert b.result() == alone(model, SHARED + second_tail, 3)
+    assert b.cached_tokens == len(SHARED) and not a.done
+    assert a.result() == alone(model, SHARED + first_tail, 19)
+    assert_all_returned(engine)
+
+
 def test_engine_answers_like_transformers(gqa_model, plain):
     _, torch_model = gqa_model
     engine = Engine(plain, **GEOMETRY)
