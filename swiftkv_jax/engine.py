@@ -8,9 +8,11 @@
   3. prefills one chunk (at most `chunk_size` prompt tokens in all) and publishes its full blocks
      at once, so a concurrent request with the same system prompt reuses them; a row whose prompt
      is done samples its first token;
-  4. runs up to `decode_steps` decode steps for every decoding slot in one jitted while_loop;
+  4. runs decode steps for every decoding slot in one jitted while_loop: one per step while
+     prompts are being prefilled (each step is then one chunk and one token per running request,
+     as chunked prefill in vLLM / Sarathi-Serve), up to `decode_steps` otherwise;
   5. delivers the new tokens and ends finished requests.
-A long prompt therefore delays running requests by at most one chunk per `decode_steps` tokens.
+A long prompt therefore delays each token of a running request by at most one chunk's time.
 `start()` runs the steps on a background thread (the way a server uses it); without it, reading
 a handle drives the steps. The device work is the same jitted steps generate() uses (steps.py).
 """
@@ -56,20 +58,25 @@ class Engine:
     max_slots: requests decoded together (cache rows). max_length: prompt + output tokens one
     request may hold. num_blocks / pool_bytes: the KV pool shared by all slots and the prefix
     cache (default: every slot full). chunk_size: prompt tokens per step. decode_steps: decode
-    tokens per step (tokens reach readers in groups of up to this many). prefix_cache False:
+    tokens per step when no prompt is being prefilled (tokens reach readers in groups of up to
+    this many); decode_steps_while_prefilling: the same while one is (more lowers running
+    requests' token latency under prompt-heavy load and costs throughput: decode steps at a
+    small batch, measured in benchmarks/bench_engine.py). prefix_cache False:
     no request reuses another's blocks (each gets its own namespace; for measuring the cache).
     """
 
     def __init__(self, params: Params, *, max_slots: int = 8, max_length: int = 2048,
                  num_blocks: int | None = None, pool_bytes: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 decode_steps: int = 8, prefix_cache: bool = True):
+                 decode_steps: int = 8, decode_steps_while_prefilling: int = 1,
+                 prefix_cache: bool = True):
         if not isinstance(params, Params):
             raise GenerateError("params must be swiftkv_jax Params (from swiftkv_jax.load or init_params)")
         if chunk_size < MIN_CHUNK or chunk_size & (chunk_size - 1):
             raise GenerateError(f"chunk_size must be a power of two >= {MIN_CHUNK}, got {chunk_size}")
-        if decode_steps < 1:
-            raise GenerateError(f"decode_steps must be >= 1, got {decode_steps}")
+        if not 1 <= decode_steps_while_prefilling <= decode_steps:
+            raise GenerateError(f"need 1 <= decode_steps_while_prefilling <= decode_steps, got "
+                                f"{decode_steps_while_prefilling} and {decode_steps}")
         self.params = params
         self.cache: KVCache = init_cache(params, max_slots, max_length, block_size=block_size,
                                          num_blocks=num_blocks, pool_bytes=pool_bytes)
@@ -77,6 +84,7 @@ class Engine:
                               num_blocks=self.cache.num_blocks)
         self.max_slots, self.max_length = max_slots, self.cache.max_length
         self.chunk_size, self.decode_steps = chunk_size, decode_steps
+        self.decode_steps_while_prefilling = decode_steps_while_prefilling
         self._namespace = namespace_of(params.weights)
         self.prefix_cache = prefix_cache
         self._scheduler = Scheduler(max_slots, chunk_size, block_size)
@@ -119,6 +127,10 @@ class Engine:
         return handle
 
     # -- running -----------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Tells the background loop there is new work (a submit or a cancel)."""
+        self._wake.set()
 
     @property
     def running(self) -> bool:
@@ -176,7 +188,9 @@ class Engine:
                     self._prefill(rows, width)
                 decoding = self._scheduler.decoding()
                 if decoding:
-                    self._decode(decoding)
+                    prefilling = bool(rows) or bool(self._scheduler.prefilling())
+                    self._decode(decoding, self.decode_steps_while_prefilling if prefilling
+                                 else self.decode_steps)
                 self._counters["steps"] += 1
             except Exception as err:  # noqa: BLE001 -- the engine must outlive any one failure
                 self._recover(err)
@@ -246,11 +260,11 @@ class Engine:
                 self._end(seq, FinishReason.STOP)
                 continue
             seq.last = token
-            seq.handle._deliver([token])
+            seq.handle.deliver([token])
             if seq.options.max_tokens == 1:
                 self._end(seq, FinishReason.LENGTH)
 
-    def _decode(self, seqs: list[Sequence]) -> None:
+    def _decode(self, seqs: list[Sequence], max_steps: int) -> None:
         r = min(pow2_at_least(len(seqs)), self.max_slots)
         token, counts, budget = np.zeros(r, np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32)
         stops = np.full((r, MAX_STOP_IDS), -1, np.int32)
@@ -258,7 +272,7 @@ class Engine:
             token[i], counts[i], budget[i] = s.last, len(s.handle.tokens), s.options.max_tokens
             stops[i] = s.options.stop_row()
         sampling, keys = self._sampling(seqs, r)
-        steps = min(self.decode_steps, int((budget - counts).max()))
+        steps = min(max_steps, int((budget - counts).max()))
         result, self.cache = decode(self.params, self.cache, jnp.asarray(self._slot_ids(seqs, r)),
                                     jnp.asarray(token), jnp.asarray(counts), jnp.asarray(budget),
                                     sampling, keys, jnp.asarray(stops), jnp.int32(steps),
@@ -269,7 +283,7 @@ class Engine:
             n = int(new_counts[i] - counts[i])
             seq.kv_len, seq.last = int(lengths[i]), int(last[i])
             self._counters["decode_tokens"] += n
-            seq.handle._deliver(out[i, :n].tolist())
+            seq.handle.deliver(out[i, :n].tolist())
             if done[i]:
                 self._end(seq, FinishReason.STOP if stopped[i] else FinishReason.LENGTH)
 
@@ -287,14 +301,14 @@ class Engine:
                 self.cache.index, jnp.asarray(seq.table[None]), jnp.asarray([seq.blocks], jnp.int32)))
         self._scheduler.remove(seq)
         seq.table = None
-        seq.handle._deliver([], reason, error)
+        seq.handle.deliver([], reason, error)
         self._finished.append(seq.handle)
         self._counters[f"finished_{reason.value}"] += 1
 
     def _end_cancelled(self) -> None:
         with self._scheduler.lock:
-            waiting = [s for s in self._scheduler.waiting if s.handle._cancel.is_set()]
-        for seq in waiting + [s for s in self._scheduler.active() if s.handle._cancel.is_set()]:
+            waiting = [s for s in self._scheduler.waiting if s.handle.cancel_requested]
+        for seq in waiting + [s for s in self._scheduler.active() if s.handle.cancel_requested]:
             self._end(seq, FinishReason.CANCELLED)
 
     def _recover(self, err: Exception) -> None:

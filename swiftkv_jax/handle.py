@@ -60,7 +60,12 @@ class RequestHandle:
         """Asks the engine to stop this request; it ends (finish reason cancelled) at the next step,
         and its slot and blocks are freed. Cancelling a finished request does nothing."""
         self._cancel.set()
-        self._engine._wake.set()
+        self._engine.wake()
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether cancel() was called (the engine ends the request at its next step)."""
+        return self._cancel.is_set()
 
     def __iter__(self) -> Iterator[int]:
         """The request's tokens, each as soon as it is made (blocks until then)."""
@@ -116,7 +121,7 @@ class RequestHandle:
 
     # -- the engine's side -----------------------------------------------------------------------
 
-    def _deliver(self, tokens: list[int], finish: FinishReason | None = None,
+    def deliver(self, tokens: list[int], finish: FinishReason | None = None,
                  error: str | None = None) -> None:
         """Appends new tokens and, if given, ends the request; wakes every reader."""
         now = time.perf_counter()
