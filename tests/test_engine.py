@@ -142,6 +142,22 @@ def test_chunked_prefill_equals_one_pass(model, chunks):
     assert rel_err(logits[0], want[0]) <= 1e-4
 
 
+def test_a_long_prompt_never_holds_up_running_requests_for_more_than_a_chunk(plain):
+    """Every step while a long prompt is prefilled is one chunk and a token for each running one."""
+    engine = Engine(plain, **{**GEOMETRY, "chunk_size": 16})
+    running = [engine.submit(p, greedy(30)) for p in prompts(160, [5, 9], seed=13)]
+    while not all(h.tokens for h in running):
+        engine.step()
+    long = engine.submit(prompts(160, [80], seed=14)[0], greedy(2))
+    chunks = 0
+    while not long.tokens:
+        before = [len(h.tokens) for h in running]
+        engine.step()
+        chunks += 1
+        assert [len(h.tokens) for h in running] == [n + 1 for n in before]
+    assert chunks == 5  # 80 prompt tokens in chunks of 16
+
+
 def test_cancel_mid_prefill_and_mid_decode_frees_the_slot(plain):
     engine = Engine(plain, **{**GEOMETRY, "chunk_size": 16})
     long_prompt = prompts(160, [80], seed=4)[0]
