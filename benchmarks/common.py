@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import swiftkv_jax as sk
-from swiftkv_jax.generate import MAX_STOP_IDS, decode, prefill, prefill_chunked
+from swiftkv_jax.generate import decode, prefill, prefill_chunked
+from swiftkv_jax.request import MAX_STOP_IDS
 from swiftkv_jax.steps import request_keys
 from swiftkv_jax.sampling import SamplingParams
 

@@ -20,7 +20,7 @@ import numpy as np
 from .cache import KVCache, init_cache
 from .params import Params
 from .prefix_cache import admit, register
-from .request import MAX_STOP_IDS, GenerateError, SamplingOptions, check_prompt  # noqa: F401
+from .request import GenerateError, SamplingOptions, check_prompt
 from .sampling import SamplingParams
 from .steps import (DEFAULT_CHUNK_SIZE, MIN_CHUNK, chunk_bucket, decode, first_tokens,
                     namespace_of, prefill, request_keys, to_host)
@@ -149,8 +149,9 @@ def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: i
     budget = np.where((req.lengths > 0) & ~stopped, int(max_new_tokens), 0).astype(np.int32)
     ids = [[] if stopped[i] else [int(first[i])] for i in range(len(req.rows))]
     if int(max_new_tokens) > 1 and budget.any():
-        result, cache = decode(params, cache, None, jnp.asarray(first), jnp.ones_like(jnp.asarray(budget)),
-                               jnp.asarray(budget), sampling, keys, jnp.asarray(stop_arr),
+        produced = jnp.ones((cache.batch_size,), jnp.int32)  # the first token, from prefill
+        result, cache = decode(params, cache, None, jnp.asarray(first), produced, jnp.asarray(budget),
+                               sampling, keys, jnp.asarray(stop_arr),
                                jnp.int32(int(max_new_tokens) - 1), out_len=cache.max_length)
         out, counts = to_host(result.out), to_host(result.counts)
         for i in range(len(req.rows)):
