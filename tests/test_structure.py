@@ -20,12 +20,23 @@ def _imports(path: Path) -> list[tuple[str, str]]:
 
 
 def test_no_module_imports_private_names():
-    private = [(p.name, module, name) for p in sorted(PACKAGE.glob("*.py"))
+    private = [(p.name, module, name) for p in sorted(PACKAGE.rglob("*.py"))
                for module, name in _imports(p) if name.startswith("_") and name != "__future__"]
     assert private == []
 
 
 def test_the_library_does_not_import_its_cli():
-    users = [p.name for p in sorted(PACKAGE.glob("*.py")) if p.name != "cli.py"
+    users = [p.name for p in sorted(PACKAGE.rglob("*.py")) if p.name != "cli.py"
              and any(module.split(".")[-1] == "cli" for module, _ in _imports(p))]
+    assert users == []
+
+
+def test_the_http_layer_never_touches_jax():
+    """serve/ translates the OpenAI API into engine calls; device work stays in the engine."""
+    users = []
+    for p in sorted((PACKAGE / "serve").glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            users += [(p.name, n) for n in names if n.split(".")[0] in ("jax", "jaxlib", "flax")]
     assert users == []
