@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import swiftkv_jax as sk  # noqa: E402
-from common import RESULTS_DIR, CpuShare, log, matmul_flops, read_bandwidth  # noqa: E402
+from common import RESULTS_DIR, CpuShare, cpu_name, log, matmul_flops, read_bandwidth  # noqa: E402
 from swiftkv_jax.compile_cache import enable_compilation_cache  # noqa: E402
 from swiftkv_jax.engine import Engine  # noqa: E402
 from swiftkv_jax.generate import decode, first_tokens, prefill  # noqa: E402
@@ -277,16 +277,6 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,7 +89,7 @@ class CpuShare:
             return None
         hz = os.sysconf("SC_CLK_TCK")
         total, idle = sum(fields[:8]) / hz, (fields[3] + fields[4]) / hz
-        mine = sum(os.times()[:2])
+        mine = sum(os.times()[:4])  # this process and its children that have ended (servers)
         return total, total - idle, mine
 
     def start(self) -> None:
@@ -244,3 +244,13 @@ def hf_decode(model: Any, batch: int, new_tokens: int, repeats: int) -> tuple[De
     first = generate(4)  # short warm-up: generate()'s setup paths, allocator
     runs = [generate(new_tokens) - pre.best for _ in range(repeats)]
     return DecodeResult(Timing(first, runs), batch * new_tokens, row0), pre
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"

