@@ -101,7 +101,8 @@ class Servers:
         port = free_port()
         server = ServerProcess([self.args.peer_python, "-m", "llama_cpp.server", "--model", str(gguf),
                                 "--model_alias", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
-                                "--n_ctx", "4096", "--n_threads", "2", "--n_batch", "512"],
+                                "--n_ctx", "4096", "--n_threads", "2", "--n_batch", "512",
+                                "--interrupt_requests", "False"],
                                port, log=self.logs / "llama-cpp.log", ready_path="/v1/models", timeout=600)
         run_load(server.url, MODEL_NAME, [Request(max_tokens=4, prompt="Hello")], concurrency=1)
         return server
