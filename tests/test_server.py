@@ -298,7 +298,7 @@ def test_api_key_queue_limit_and_sigterm(served, tmp_path):
         threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-            time.sleep(0.05)
+            time.sleep(0.005)  # all arrive while the first (100 tokens) still runs
         for t in threads:
             t.join(120)
         assert 429 in results, results  # one slot, one waiting: the others are refused
