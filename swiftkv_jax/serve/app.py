@@ -128,14 +128,14 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
             raise APIError(429, f"the server's queue is full ({max_queue} requests waiting); retry "
                                 "later", code="queue_full")
 
-    def max_tokens_for(asked: int | None, prompt_len: int) -> int:
+    def max_tokens_for(asked: int | None, prompt_len: int, param: str = "prompt") -> int:
         """max_tokens as asked, or (not given) what the context has left, as vLLM does."""
         if asked is not None:
             return asked
         left = engine.max_length - prompt_len
         if left < 1:
             raise APIError(400, f"the prompt has {prompt_len} tokens and the context holds "
-                                f"{engine.max_length}; shorten it", "messages")
+                                f"{engine.max_length}; shorten it", param)
         return left
 
     # -- routes --------------------------------------------------------------------------------
@@ -158,8 +158,7 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
     async def completions(body: CompletionRequest, request: Request) -> Response:
         admit(body)
         prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
-        opts = [body.options(body.max_tokens if body.max_tokens is not None else
-                             max_tokens_for(None, len(ids)), eos_ids) for ids in prompts]
+        opts = [body.options(max_tokens_for(body.max_tokens, len(ids)), eos_ids) for ids in prompts]
         gens = submit_all(engine, tokenizer, metrics, prompts, opts, body.stop_strings())
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
@@ -181,7 +180,7 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
         ids = encode_text(tokenizer, render_chat(tokenizer, body.chat(), generation_prompt=True))
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         gens = submit_all(engine, tokenizer, metrics, [ids],
-                          [body.options(max_tokens_for(asked, len(ids)), eos_ids)], body.stop_strings())
+                          [body.options(max_tokens_for(asked, len(ids), "messages"), eos_ids)], body.stop_strings())
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": model_name}
         if body.stream:
