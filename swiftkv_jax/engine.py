@@ -337,9 +337,8 @@ class Engine:
             waiting = len(self._scheduler.waiting)
             finished = list(self._finished)
         c = self._counters
-        ttft = [h.first_token_at - h.submitted_at for h in finished if h.first_token_at]
-        tpot = [(h.finished_at - h.first_token_at) / (len(h.tokens) - 1) for h in finished
-                if h.first_token_at and len(h.tokens) > 1]
+        ttft = [h.ttft_s for h in finished if h.ttft_s is not None]
+        tpot = [h.tpot_s for h in finished if h.tpot_s is not None]
         pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None
         return {
             "running": len(active), "prefilling": sum(s.phase is Phase.PREFILL for s in active),

@@ -56,6 +56,18 @@ class RequestHandle:
         """Whether the request has ended (any finish reason)."""
         return self.finish_reason is not None
 
+    @property
+    def ttft_s(self) -> float | None:
+        """Seconds from submit to the first token (None before it)."""
+        return None if self.first_token_at is None else self.first_token_at - self.submitted_at
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean seconds between this request's tokens after the first (None for fewer than 2)."""
+        if len(self.token_times) < 2:
+            return None
+        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+
     def cancel(self) -> None:
         """Asks the engine to stop this request; it ends (finish reason cancelled) at the next step,
         and its slot and blocks are freed. Cancelling a finished request does nothing."""

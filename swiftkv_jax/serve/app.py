@@ -41,8 +41,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _send_error(send, APIError(413, f"the request body is {int(length)} bytes; "
-                                                         f"this server takes at most {self.limit}"))
+            err = APIError(413, f"the request body is {int(length)} bytes; this server takes at most "
+                                f"{self.limit}")
+            return await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
         seen = 0
 
         async def limited() -> dict:
@@ -54,13 +55,6 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
-
-
-async def _send_error(send: Callable, err: APIError) -> None:
-    body = json.dumps(err.body()).encode()
-    await send({"type": "http.response.start", "status": err.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str | None = None,

@@ -77,10 +77,6 @@ class Generation:
                 self.handle.cancel()  # the reader left (a dropped client): free the slot
             self._metrics.observe(self.handle, self.finish_reason or "abort", self.completion_tokens)
 
-    async def text(self) -> str:
-        """The whole answer."""
-        return "".join([p.text async for p in self.pieces()])
-
 
 def _param_of(message: str) -> str | None:
     """The request field an engine error is about (for the error body's `param`)."""

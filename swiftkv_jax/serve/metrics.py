@@ -73,13 +73,11 @@ class Metrics:
         self.cached_tokens.inc(handle.cached_tokens)
         self.generation_tokens.inc(completion_tokens)
         self.requests.labels(reason).inc()
-        if handle.first_token_at is not None:
-            self.ttft.observe(handle.first_token_at - handle.submitted_at)
-            end = handle.finished_at or handle.token_times[-1]
-            self.e2e.observe(end - handle.submitted_at)
-            if len(handle.token_times) > 1:
-                self.tpot.observe((handle.token_times[-1] - handle.first_token_at) /
-                                  (len(handle.token_times) - 1))
+        if handle.ttft_s is not None:
+            self.ttft.observe(handle.ttft_s)
+            self.e2e.observe((handle.finished_at or handle.token_times[-1]) - handle.submitted_at)
+        if handle.tpot_s is not None:
+            self.tpot.observe(handle.tpot_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
