@@ -13,7 +13,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from .attention import F32, attend
+from .attention import F32
 from .config import ModelConfig, rope_inverse_frequencies
 from .kv_access import ChunkKV, KVView, LayerKV, PagedKV
 from .params import Weights
@@ -68,7 +68,7 @@ def finish_layer(w: Weights, config: ModelConfig, h: jax.Array, q: jax.Array, kv
                  q_pos: jax.Array) -> jax.Array:
     """Attention of q over `kv`, o_proj and the residual, then the MLP block."""
     heads, hd = config.num_heads, config.head_dim
-    out = attend(q, *kv[:2], q_pos, kv[2])
+    out = kv.attend(q, q_pos)
     o_proj = w["o_proj"].reshape(heads * hd, -1).astype(h.dtype)
     h = h + out.reshape(h.shape[:2] + (heads * hd,)) @ o_proj
     post = rms_norm(h, w["post_attention_layernorm"]["weight"], config.rms_norm_eps)
