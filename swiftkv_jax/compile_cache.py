@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 
-def enable_compilation_cache(min_compile_time_s: float = 1.0) -> Path:
+def enable_compilation_cache(min_compile_time_s: float = 0.0) -> Path:
     """Compiled programs persist between runs (in $SWIFTKV_JAX_CACHE, default
     ~/.cache/swiftkv-jax/xla), so only the first run of a shape pays compilation. Returns the folder."""
     import jax
