@@ -9,7 +9,7 @@ position, so a step costs what its rows hold, not the cache's max_length. Pure f
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -90,40 +90,45 @@ def _online_softmax_step(carry: OnlineSoftmax, qh: jax.Array, kt: jax.Array, vt:
     return m_new, l * scale + p.sum(-1), acc
 
 
+def _by_query_tiles(query_tile: Callable[[jax.Array, jax.Array], jax.Array], q: jax.Array,
+                    q_pos: jax.Array, tile: int) -> jax.Array:
+    """`query_tile(q [B, tile, H, h], q_pos [B, tile]) -> [B, tile, H, h]` over q [B, T, H, h] one
+    query tile at a time (lax.map; padded queries sit at position -1), reassembled to [B, T, H, h]."""
+    b, t, h, d = q.shape
+    nq = -(-t // tile)
+    q_tiles = _pad_axis(q, 1, nq * tile).reshape(b, nq, tile, h, d).transpose(1, 0, 2, 3, 4)
+    pos_tiles = _pad_axis(q_pos, 1, nq * tile, -1).reshape(b, nq, tile).transpose(1, 0, 2)
+    out = jax.lax.map(lambda x: query_tile(*x), (q_tiles, pos_tiles))
+    return out.transpose(1, 0, 2, 3, 4).reshape(b, nq * tile, h, d)[:, :t]
+
+
 def _attend_tiled(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
                   tile: int = ATTENTION_TILE) -> jax.Array:
     """Flash-style attention: for each query tile, a loop over the key tiles up to its last position
     (keys must be in position order, as cache rows are)."""
-    b, t, h, d = q.shape
+    h, d = q.shape[2:]
     kvh = k.shape[0]
-    nq, nk = -(-t // tile), -(-k.shape[2] // tile)
-    q = _pad_axis(q * d**-0.5, 1, nq * tile)
-    q_pos = _pad_axis(q_pos, 1, nq * tile, -1)
+    nk = -(-k.shape[2] // tile)
     k, v = _pad_axis(k, 2, nk * tile), _pad_axis(v, 2, nk * tile)
     k_pos = _pad_axis(k_pos, 1, nk * tile, jnp.iinfo(jnp.int32).max)
-    # [nq, K, B, G * tile, h]: query tile i of each kv head as one matrix.
-    q_tiles = jax.vmap(lambda x: _heads_major(x, kvh))(
-        q.reshape(b, nq, tile, h, d).transpose(1, 0, 2, 3, 4))
-    pos_tiles = q_pos.reshape(b, nq, tile).transpose(1, 0, 2)
 
-    def query_tile(i):
-        qt, qp = q_tiles[i], pos_tiles[i]
+    def query_tile(qt: jax.Array, qp: jax.Array) -> jax.Array:
+        qh = _heads_major(qt * d**-0.5, kvh)  # each kv head's queries as one matrix
 
         def key_tile(carry, j):
             kt = jax.lax.dynamic_slice_in_dim(k, j * tile, tile, axis=2)
             vt = jax.lax.dynamic_slice_in_dim(v, j * tile, tile, axis=2)
             kp = jax.lax.dynamic_slice_in_dim(k_pos, j * tile, tile, axis=1)
-            return _online_softmax_step(carry, qt, kt, vt, _causal_mask(qp, kp, h // kvh))
+            return _online_softmax_step(carry, qh, kt, vt, _causal_mask(qp, kp, h // kvh))
 
         # Tiles past the diagonal are skipped: lax.cond runs one branch, and unlike a loop with a
         # data-dependent trip count it can be differentiated (distillation trains through this).
         last_tile = jnp.max(qp) // tile + 1
         visit = lambda carry, j: (jax.lax.cond(j < last_tile, key_tile, lambda c, _: c, carry, j), None)
-        (_, l, acc), _ = jax.lax.scan(visit, _online_softmax_init(qt), jnp.arange(nk))
+        (_, l, acc), _ = jax.lax.scan(visit, _online_softmax_init(qh), jnp.arange(nk))
         return _from_heads_major((acc / l[..., None]).astype(q.dtype), tile)
 
-    out = jax.lax.map(query_tile, jnp.arange(nq))  # [nq, B, tile, H, h]
-    return out.transpose(1, 0, 2, 3, 4).reshape(b, nq * tile, h, d)[:, :t]
+    return _by_query_tiles(query_tile, q, q_pos, tile)
 
 
 def attend_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table: jax.Array,
@@ -162,8 +167,4 @@ def attend_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table
 
     if t <= tile:
         return query_tile(q, q_pos)
-    nq = -(-t // tile)  # long chunks: one query tile at a time, each with its own key range
-    q_tiles = _pad_axis(q, 1, nq * tile).reshape(b, nq, tile, h, d).transpose(1, 0, 2, 3, 4)
-    pos_tiles = _pad_axis(q_pos, 1, nq * tile, -1).reshape(b, nq, tile).transpose(1, 0, 2)
-    out = jax.lax.map(lambda x: query_tile(*x), (q_tiles, pos_tiles))
-    return out.transpose(1, 0, 2, 3, 4).reshape(b, nq * tile, h, d)[:, :t]
+    return _by_query_tiles(query_tile, q, q_pos, tile)  # each query tile with its own key range
