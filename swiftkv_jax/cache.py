@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from .kv_access import LayerKV, PagedKV
+from .kv_access import LayerKV
 from .params import Params
 from .prefix_cache import PrefixIndex, empty_index
 
@@ -70,29 +70,28 @@ class KVCache:
         """KV bytes one token occupies (all cache layer slots, keys and values)."""
         return self.nbytes() // self.num_slots
 
+    def rows(self, slots: jax.Array) -> "KVCache":
+        """The cache seen by rows `slots` [B]: the same pools, those rows' block tables and lengths.
+        Ids past the last row are padding: they read as empty rows (block 0, length 0)."""
+        get = lambda x: x.at[slots].get(mode="fill", fill_value=0)
+        return dataclasses.replace(self, block_table=get(self.block_table), lengths=get(self.lengths))
+
     def token_slots(self) -> jax.Array:
         """[batch, max_length] pool slot of every position of every row."""
         offsets = jnp.arange(self.block_size, dtype=jnp.int32)
         slots = self.block_table[:, :, None] * self.block_size + offsets
         return slots.reshape(self.batch_size, -1)
 
-    def placement(self, q_pos: jax.Array, valid: jax.Array) -> PagedKV:
-        """Where a chunk at positions `q_pos` [B, T] goes (`valid`: real tokens, not padding) and
-        what its rows read: the PagedKV every layer of one forward pass shares."""
-        read_slots = self.token_slots()
+    def write_slots(self, q_pos: jax.Array, valid: jax.Array) -> jax.Array:
+        """[B, T] pool slot of each token of a chunk at positions `q_pos` [B, T]; tokens not
+        `valid` (padding) or past a row's end get num_slots, so their writes are dropped."""
         in_range = valid & (q_pos < self.max_length)
-        slots = jnp.take_along_axis(read_slots, jnp.minimum(q_pos, self.max_length - 1), 1)
-        return PagedKV(jnp.where(in_range, slots, self.num_slots),  # padding: dropped
-                       self.block_table, self.block_size)
+        slots = jnp.take_along_axis(self.token_slots(), jnp.minimum(q_pos, self.max_length - 1), 1)
+        return jnp.where(in_range, slots, self.num_slots)
 
     def layer_states(self) -> list[LayerKV]:
         """The (k, v) pools of every cache layer slot, to thread through the layers."""
         return list(zip(self.k, self.v))
-
-    def advanced(self, states: list[LayerKV], num_new: jax.Array) -> "KVCache":
-        """This cache with the layers' new pools and each row `num_new` tokens longer."""
-        return dataclasses.replace(self, k=[k for k, _ in states], v=[v for _, v in states],
-                                   lengths=jnp.minimum(self.lengths + num_new, self.max_length))
 
     def stats(self) -> dict[str, int | float]:
         """Prefix-cache counters: query/hit tokens, blocks in use/cached/free, evictions."""

@@ -5,13 +5,13 @@
   1. ends cancelled requests (their slots and blocks are freed, written blocks stay cached);
   2. admits waiting requests into free slots as the pool and the step's token budget allow
      (longest cached prefix first: the prefix index on device), first come first served;
-  3. prefills one chunk (at most `chunk_size` prompt tokens in all) and publishes its full blocks
-     at once, so a concurrent request with the same system prompt reuses them; a row whose prompt
-     is done samples its first token;
-  4. runs decode steps for every decoding slot in one jitted while_loop: one per step while
-     prompts are being prefilled (each step is then one chunk and one token per running request,
-     as chunked prefill in vLLM / Sarathi-Serve), up to `decode_steps` otherwise;
-  5. delivers the new tokens and ends finished requests.
+  3. while prompts are waiting to be prefilled: one mixed forward pass of one chunk (at most
+     `chunk_size` prompt tokens in all) and one decode token for every running request (steps.mixed:
+     chunked prefill as in vLLM / Sarathi-Serve; the decode tokens ride in the chunk's matmuls);
+     the chunk's full blocks are published at once, so a concurrent request with the same system
+     prompt reuses them; a row whose prompt is done samples its first token;
+     otherwise: up to `decode_steps` decode steps for every running slot in one jitted while_loop;
+  4. delivers the new tokens and ends finished requests.
 A long prompt therefore delays each token of a running request by at most one chunk's time.
 `start()` runs the steps on a background thread (the way a server uses it); without it, reading
 a handle drives the steps. The device work is the same jitted steps generate() uses (steps.py).
@@ -39,12 +39,12 @@ from .prefix_cache import admit, publish, release, stats as index_stats
 from .request import MAX_STOP_IDS, GenerateError, SamplingOptions, check_prompt
 from .sampling import SamplingParams
 from .scheduler import Phase, Scheduler, Sequence, pow2_at_least
-from .steps import (DEFAULT_CHUNK_SIZE, MIN_CHUNK, decode, first_tokens, install, namespace_of,
-                    prefill, request_keys, to_host)
+from .steps import (DEFAULT_CHUNK_SIZE, MIN_CHUNK, DecodeResult, decode, install, mixed, namespace_of,
+                    request_keys, to_host)
 
 log = logging.getLogger(__name__)
 
-JITTED_STEPS = (prefill, decode, first_tokens, install, admit, publish, release)
+JITTED_STEPS = (mixed, decode, install, admit, publish, release)
 
 
 def compilations() -> int:
@@ -59,24 +59,20 @@ class Engine:
     request may hold. num_blocks / pool_bytes: the KV pool shared by all slots and the prefix
     cache (default: every slot full). chunk_size: prompt tokens per step. decode_steps: decode
     tokens per step when no prompt is being prefilled (tokens reach readers in groups of up to
-    this many); decode_steps_while_prefilling: the same while one is (more lowers running
-    requests' token latency under prompt-heavy load and costs throughput: decode steps at a
-    small batch, measured in benchmarks/bench_engine.py). prefix_cache False:
+    this many; while one is, each step decodes one token per request). prefix_cache False:
     no request reuses another's blocks (each gets its own namespace; for measuring the cache).
     """
 
     def __init__(self, params: Params, *, max_slots: int = 8, max_length: int = 2048,
                  num_blocks: int | None = None, pool_bytes: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 decode_steps: int = 8, decode_steps_while_prefilling: int = 1,
-                 prefix_cache: bool = True):
+                 decode_steps: int = 8, prefix_cache: bool = True):
         if not isinstance(params, Params):
             raise GenerateError("params must be swiftkv_jax Params (from swiftkv_jax.load or init_params)")
         if chunk_size < MIN_CHUNK or chunk_size & (chunk_size - 1):
             raise GenerateError(f"chunk_size must be a power of two >= {MIN_CHUNK}, got {chunk_size}")
-        if not 1 <= decode_steps_while_prefilling <= decode_steps:
-            raise GenerateError(f"need 1 <= decode_steps_while_prefilling <= decode_steps, got "
-                                f"{decode_steps_while_prefilling} and {decode_steps}")
+        if decode_steps < 1:
+            raise GenerateError(f"decode_steps must be >= 1, got {decode_steps}")
         self.params = params
         self.cache: KVCache = init_cache(params, max_slots, max_length, block_size=block_size,
                                          num_blocks=num_blocks, pool_bytes=pool_bytes)
@@ -84,7 +80,6 @@ class Engine:
                               num_blocks=self.cache.num_blocks)
         self.max_slots, self.max_length = max_slots, self.cache.max_length
         self.chunk_size, self.decode_steps = chunk_size, decode_steps
-        self.decode_steps_while_prefilling = decode_steps_while_prefilling
         self._namespace = namespace_of(params.weights)
         self.prefix_cache = prefix_cache
         self._scheduler = Scheduler(max_slots, chunk_size, block_size)
@@ -188,14 +183,12 @@ class Engine:
             if not self._scheduler.has_work():
                 return False
             try:
+                decoding = self._scheduler.decoding()
                 rows, width = self._scheduler.plan_prefill(self._admit)
                 if rows:
-                    self._prefill(rows, width)
-                decoding = self._scheduler.decoding()
-                if decoding:
-                    prefilling = bool(rows) or bool(self._scheduler.prefilling())
-                    self._decode(decoding, self.decode_steps_while_prefilling if prefilling
-                                 else self.decode_steps)
+                    self._mixed(rows, width, decoding)
+                elif decoding:
+                    self._decode(decoding, self.decode_steps)
                 self._counters["steps"] += 1
             except Exception as err:  # noqa: BLE001 -- the engine must outlive any one failure
                 self._recover(err)
@@ -237,30 +230,34 @@ class Engine:
             temperature[i], top_k[i], top_p[i], keys[i] = o.temperature, o.top_k, o.top_p, s.key
         return SamplingParams.make(temperature, top_k, top_p), jnp.asarray(keys)
 
-    def _prefill(self, rows: list[tuple[Sequence, int]], width: int) -> None:
-        seqs = [s for s, _ in rows]
-        p = min(pow2_at_least(len(rows)), self.max_slots)
+    def _chunk(self, rows: list[tuple[Sequence, int]], width: int, pad_rows: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The step's prompt chunk: tokens [P, width], real tokens per row [P], slot ids [P], with
+        P the row bucket of len(rows), at least `pad_rows`."""
+        p = min(pow2_at_least(max(len(rows), pad_rows)), self.max_slots)
         chunk = np.zeros((p, width), np.int32)
         num_new = np.zeros((p,), np.int32)
         for i, (seq, n) in enumerate(rows):
             chunk[i, :n] = seq.prompt[seq.pos:seq.pos + n]
             num_new[i] = n
-        logits, self.cache = prefill(self.params, self.cache, jnp.asarray(chunk), jnp.asarray(num_new),
-                                     jnp.asarray(self._slot_ids(seqs, p)))
-        self._counters["prefill_tokens"] += int(num_new.sum())
+        return chunk, num_new, self._slot_ids([s for s, _ in rows], p)
+
+    def _prefilled(self, rows: list[tuple[Sequence, int]], first: Any) -> None:
+        """After a chunk: advances and publishes each row; a row whose prompt is done takes its
+        first token (`first()` [P] fetches them, only when one is needed) and starts decoding."""
         for seq, n in rows:
             seq.pos += n
             seq.kv_len = seq.pos
             self._publish(seq)
-        if not any(seq.prompt_left == 0 for seq in seqs):
+        self._counters["prefill_tokens"] += sum(n for _, n in rows)
+        if not any(seq.prompt_left == 0 for seq, _ in rows):
             return
-        sampling, keys = self._sampling(seqs, p)
-        first = to_host(first_tokens(logits, sampling, keys))
-        for i, seq in enumerate(seqs):
+        tokens = to_host(first())
+        for i, (seq, _) in enumerate(rows):
             if seq.prompt_left:
                 continue
             self._scheduler.prefill_done(seq)
-            token = int(first[i])
+            token = int(tokens[i])
             if token in seq.options.stop_ids:
                 self._end(seq, FinishReason.STOP)
                 continue
@@ -269,19 +266,44 @@ class Engine:
             if seq.options.max_tokens == 1:
                 self._end(seq, FinishReason.LENGTH)
 
-    def _decode(self, seqs: list[Sequence], max_steps: int) -> None:
-        r = min(pow2_at_least(len(seqs)), self.max_slots)
-        token, counts, budget = np.zeros(r, np.int32), np.zeros(r, np.int32), np.zeros(r, np.int32)
-        stops = np.full((r, MAX_STOP_IDS), -1, np.int32)
+    def _decode_rows(self, seqs: list[Sequence], rows: int) -> dict[str, np.ndarray]:
+        """The decode inputs of `seqs` padded to `rows`: last token, tokens so far, budget, stops."""
+        token, counts, budget = np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        stops = np.full((rows, MAX_STOP_IDS), -1, np.int32)
         for i, s in enumerate(seqs):
             token[i], counts[i], budget[i] = s.last, len(s.handle.tokens), s.options.max_tokens
             stops[i] = s.options.stop_row()
+        return dict(token=token, counts=counts, max_tokens=budget, stop_ids=stops)
+
+    def _decode(self, seqs: list[Sequence], max_steps: int) -> None:
+        r = min(pow2_at_least(len(seqs)), self.max_slots)
+        inputs = self._decode_rows(seqs, r)
         sampling, keys = self._sampling(seqs, r)
-        steps = min(max_steps, int((budget - counts).max()))
+        steps = min(max_steps, int((inputs["max_tokens"] - inputs["counts"]).max()))
         result, self.cache = decode(self.params, self.cache, jnp.asarray(self._slot_ids(seqs, r)),
-                                    jnp.asarray(token), jnp.asarray(counts), jnp.asarray(budget),
-                                    sampling, keys, jnp.asarray(stops), jnp.int32(steps),
-                                    out_len=self.decode_steps)
+                                    inputs["token"], inputs["counts"], inputs["max_tokens"], sampling,
+                                    keys, inputs["stop_ids"], jnp.int32(steps), out_len=self.decode_steps)
+        self._decoded(seqs, inputs["counts"], result)
+
+    def _mixed(self, rows: list[tuple[Sequence, int]], width: int, decoding: list[Sequence],
+               pad_rows: int = 1) -> None:
+        """One chunk of `rows` and one token for every decoding row (maybe none) in a single
+        forward pass (steps.mixed). The decode part is always max_slots rows wide (padding rows
+        cost a token of matmul each), so there is one program per chunk shape."""
+        chunk, num_new, slots = self._chunk(rows, width, pad_rows)
+        inputs = self._decode_rows(decoding, self.max_slots)
+        chunk_sampling, chunk_keys = self._sampling([s for s, _ in rows], len(slots))
+        decode_sampling, decode_keys = self._sampling(decoding, self.max_slots)
+        sampling = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), chunk_sampling, decode_sampling)
+        first, result, self.cache = mixed(
+            self.params, self.cache, jnp.asarray(slots), jnp.asarray(chunk), jnp.asarray(num_new),
+            jnp.asarray(self._slot_ids(decoding, self.max_slots)), inputs["token"], inputs["counts"],
+            inputs["max_tokens"], sampling, jnp.concatenate([chunk_keys, decode_keys]), inputs["stop_ids"])
+        self._decoded(decoding, inputs["counts"], result)
+        self._prefilled(rows, lambda: first)
+
+    def _decoded(self, seqs: list[Sequence], counts: np.ndarray, result: DecodeResult) -> None:
+        """Delivers a decode call's new tokens and ends the rows that finished."""
         out, new_counts, done, stopped, lengths, last = (to_host(x) for x in (
             result.out, result.counts, result.done, result.stopped, result.lengths, result.token))
         for i, seq in enumerate(seqs):
@@ -355,7 +377,7 @@ class Engine:
         }
 
     def warmup(self) -> float:
-        """Compiles every shape the steps can take (prefill rows x chunk widths, decode row
+        """Compiles every shape the steps can take (mixed steps of each chunk shape, decode row
         buckets, admission), so no request waits for a compile; returns the seconds it took."""
         t0 = time.perf_counter()
         with self._step_lock:
@@ -363,10 +385,7 @@ class Engine:
             while width <= self.chunk_size:
                 rows = 1
                 while rows <= min(self.max_slots, self.chunk_size // width):
-                    pad = jnp.full((rows,), self.max_slots, jnp.int32)
-                    logits, self.cache = prefill(self.params, self.cache, jnp.zeros((rows, width), jnp.int32),
-                                                 jnp.zeros((rows,), jnp.int32), pad)
-                    first_tokens(logits, *self._sampling([], rows))
+                    self._mixed([], width, [], pad_rows=rows)  # all padding: nothing is written
                     rows *= 2
                 width *= 2
             rows = 1

@@ -1,8 +1,10 @@
 """Where a layer's keys and values go and what it attends over: the paged cache, or the chunk alone.
 
 A layer's K/V state `LayerKV` is a (k, v) pair threaded through the layer and returned updated.
-`PagedKV` says where a chunk's tokens land in the pool and which blocks each row reads; `ChunkKV`
-is the no-cache case (distillation, calibration): a layer attends to the chunk's own tokens and
+`PackedKV` says where a pass's tokens land in the pool and which blocks each row reads (the tokens
+of one or more batches of cache rows lie packed on one axis, so every matmul runs once over all
+of them: a prefill chunk and the running rows' decode tokens share a pass); `ChunkKV` is the
+no-cache case (distillation, calibration): a layer attends to the chunk's own tokens and
 its "state" is just the chunk's K/V. Both offer the same two pure functions, so a layer is written
 once: `state = kv.write(state, k, v)` then `out = kv.read(state).attend(q, q_pos)`.
 
@@ -52,8 +54,6 @@ class PagedView:
         return attend_paged(q, self.k_pool, self.v_pool, self.block_table, self.block_size, q_pos)
 
 
-# What a layer attends over.
-KVView = ChunkView | PagedView
 
 
 def _heads_first(x: jax.Array) -> jax.Array:
@@ -78,24 +78,60 @@ class ChunkKV:
         return ChunkView(state[0], state[1], self.positions)
 
 
+def _scatter(state: LayerKV, write_slots: jax.Array, k: jax.Array, v: jax.Array) -> LayerKV:
+    """The pools with K/V [B, T, K, h] scattered into `write_slots` [B, T] (out of range: dropped)."""
+    put = lambda pool, x: pool.at[:, write_slots].set(_heads_first(x), mode="drop")
+    return put(state[0], k), put(state[1], v)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedView:
+    """Rows of several batches, packed on one token axis, over the same pools: segment i is
+    `shapes[i]` = (rows, tokens per row) with block tables `tables[i]`."""
+
+    k_pool: jax.Array
+    v_pool: jax.Array
+    tables: tuple[jax.Array, ...]
+    shapes: tuple[tuple[int, int], ...]
+    block_size: int
+
+    def attend(self, q: jax.Array, q_pos: jax.Array) -> jax.Array:
+        """Causal attention of q [1, N, H, h] at q_pos [1, N], each segment over its own rows."""
+        out, start = [], 0
+        for table, (b, t) in zip(self.tables, self.shapes):
+            qs, ps = q[0, start:start + b * t], q_pos[0, start:start + b * t]
+            o = attend_paged(qs.reshape((b, t) + q.shape[2:]), self.k_pool, self.v_pool, table,
+                             self.block_size, ps.reshape(b, t))
+            out.append(o.reshape(qs.shape))
+            start += b * t
+        return jnp.concatenate(out)[None]
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PagedKV:
-    """A chunk appended to the rows of a paged cache (cache.py).
+class PackedKV:
+    """Several batches of cache rows in one forward pass (the engine's mixed step: a prefill chunk
+    [P, W] and one decode token for each of R rows). Their tokens lie on one axis [1, N], so every
+    matmul runs once over all N; attention splits them back into the segments (PackedView).
 
-    write_slots: [B, T] pool slot of each chunk token (num_slots for padding: the write is dropped)
-    block_table: [B, blocks_per_row] each row's blocks, in order
+    write_slots: [1, N] pool slot of each token (num_slots for padding: dropped)
+    tables:      per segment, [rows, blocks_per_row] each row's blocks in order
+    shapes:      per segment, (rows, tokens per row); N = sum of rows * tokens
     """
 
     write_slots: jax.Array
-    block_table: jax.Array
+    tables: tuple[jax.Array, ...]
+    shapes: tuple[tuple[int, int], ...] = dataclasses.field(metadata=dict(static=True))
     block_size: int = dataclasses.field(metadata=dict(static=True))
 
     def write(self, state: LayerKV, k: jax.Array, v: jax.Array) -> LayerKV:
-        """The pools with the chunk's K/V [B, T, K, h] scattered into its slots."""
-        put = lambda pool, x: pool.at[:, self.write_slots].set(_heads_first(x), mode="drop")
-        return put(state[0], k), put(state[1], v)
+        """The pools with the packed tokens' K/V [1, N, K, h] scattered into their slots."""
+        return _scatter(state, self.write_slots, k, v)
 
-    def read(self, state: LayerKV) -> PagedView:
-        """Every row's keys and values, read from the pools as attention needs them."""
-        return PagedView(state[0], state[1], self.block_table, self.block_size)
+    def read(self, state: LayerKV) -> PackedView:
+        """Each segment's rows, read from the pools as attention needs them."""
+        return PackedView(state[0], state[1], self.tables, self.shapes, self.block_size)
+
+
+# What a layer attends over.
+KVView = ChunkView | PagedView | PackedView

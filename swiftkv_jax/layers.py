@@ -15,10 +15,10 @@ import jax.numpy as jnp
 
 from .attention import F32
 from .config import ModelConfig, rope_inverse_frequencies
-from .kv_access import ChunkKV, KVView, LayerKV, PagedKV
+from .kv_access import ChunkKV, KVView, LayerKV, PackedKV
 from .params import Weights
 
-KVPlacement = ChunkKV | PagedKV
+KVPlacement = ChunkKV | PackedKV
 Rope = tuple[jax.Array, jax.Array]  # (sin, cos) [B, T, head_dim / 2]
 
 

@@ -10,6 +10,7 @@ swiftkv_layers.py); nothing is mutated.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -18,10 +19,10 @@ import jax.numpy as jnp
 from .attention import F32
 from .cache import KVCache
 from .config import ModelConfig
-from .kv_access import ChunkKV
+from .kv_access import ChunkKV, PackedKV, PagedView
 from .layers import rms_norm, run_layers
 from .params import Params, Weights, empty_weights, set_path, tensors
-from .swiftkv_layers import last_token, upper_layers
+from .swiftkv_layers import last_token, run_upper, upper_layers, write_upper_kv
 
 
 def logits_from_hidden(params: Params, h: jax.Array) -> jax.Array:
@@ -47,25 +48,69 @@ def forward(params: Params, cache: KVCache | None, tokens: jax.Array,
     cfg, w = params.config, params.weights
     L, b, t = cfg.num_key_value_layers, *tokens.shape
     num_new = jnp.full((b,), t, jnp.int32) if num_new is None else num_new.astype(jnp.int32)
-    offsets = jnp.arange(t, dtype=jnp.int32)
-    if cache is None:
-        q_pos = jnp.broadcast_to(offsets, (b, t))
-        kv, states = ChunkKV(q_pos), [None] * cfg.num_cache_layers
-    else:
-        q_pos = cache.lengths[:, None] + offsets
-        kv, states = cache.placement(q_pos, offsets < num_new[:, None]), cache.layer_states()
-
-    h, lower, _ = run_layers(w["layers"][:L], cfg, w["embed_tokens"][tokens], q_pos, kv, states[:L])
-    upper: list = []
-    carried = num_new  # real tokens per row still carried in h
-    if cfg.swiftkv:
-        last_only = None if all_logits else num_new  # SwiftKV prefill: only the last token goes higher
-        h, upper, _ = upper_layers(w, cfg, h, q_pos, kv, states[L:], last_only)
-        carried = carried if all_logits else jnp.ones_like(num_new)
+    if cache is not None:
+        if all_logits:
+            raise ValueError("all_logits=True runs without a cache (cache=None): with one, only "
+                             "each row's last logits are computed")
+        return forward_packed(params, cache, [(jnp.arange(b, dtype=jnp.int32), tokens, num_new)])
+    q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    kv, states = ChunkKV(q_pos), [None] * cfg.num_cache_layers
+    h, _, _ = run_layers(w["layers"][:L], cfg, w["embed_tokens"][tokens], q_pos, kv, states[:L])
+    if cfg.swiftkv:  # SwiftKV prefill: only the last token goes higher
+        h, _, _ = upper_layers(w, cfg, h, q_pos, kv, states[L:], None if all_logits else num_new)
+        num_new = num_new if all_logits else jnp.ones_like(num_new)
     if not all_logits:
-        h = last_token(h, carried)[:, 0]
-    new_cache = None if cache is None else cache.advanced(lower + upper, num_new)
-    return logits_from_hidden(params, h), new_cache
+        h = last_token(h, num_new)[:, 0]
+    return logits_from_hidden(params, h), None
+
+
+# One batch of cache rows in a packed pass: (slots [B], tokens [B, T], num_new [B]).
+Segment = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def forward_packed(params: Params, cache: KVCache, segments: list[Segment]
+                   ) -> tuple[jax.Array, KVCache]:
+    """Several batches of cache rows in one pass: segment (slots, tokens [B, T], num_new [B])
+    appends `tokens` (the first num_new[b] real) to rows `slots` (distinct across segments; ids
+    past the last row are padding). All tokens lie on one axis, so each weight is read once and
+    every matmul sees them all; attention runs per segment. This is the engine's mixed step: a
+    prefill chunk and one decode token for every running row (vLLM / Sarathi-Serve).
+
+    Returns the logits of each row's last real token [sum of B, V], segments in order, and the
+    cache with the K/V written and the rows' lengths advanced. For SwiftKV models layers [L, N)
+    run on those last tokens only: P + R rows of one token each.
+    """
+    cfg, w = params.config, params.weights
+    L = cfg.num_key_value_layers
+    rows = [cache.rows(slots) for slots, _, _ in segments]
+    q_pos, write, last, start = [], [], [], 0
+    for (_, tokens, num_new), view in zip(segments, rows):
+        b, t = tokens.shape
+        offsets = jnp.arange(t, dtype=jnp.int32)
+        pos = view.lengths[:, None] + offsets
+        q_pos.append(pos.reshape(-1))
+        write.append(view.write_slots(pos, offsets < num_new[:, None]).reshape(-1))
+        last.append(start + jnp.arange(b, dtype=jnp.int32) * t + jnp.maximum(num_new - 1, 0))
+        start += b * t
+    flat = lambda xs: jnp.concatenate(xs)[None]
+    tokens, q_pos, last = flat([s[1].reshape(-1) for s in segments]), flat(q_pos), jnp.concatenate(last)
+    kv = PackedKV(flat(write), tuple(v.block_table for v in rows),
+                  tuple(s[1].shape for s in segments), cache.block_size)
+    states = cache.layer_states()
+    h_l, lower, _ = run_layers(w["layers"][:L], cfg, w["embed_tokens"][tokens], q_pos, kv, states[:L])
+    h, q_last = h_l[0, last][:, None], q_pos[0, last][:, None]  # [M, 1, D]: each row's last token
+    upper: list = []
+    if cfg.swiftkv:  # every token's group K/V from h_L; the layers for the M last tokens only
+        upper = write_upper_kv(w, cfg, h_l, q_pos, kv, states[L:])
+        table = jnp.concatenate([v.block_table for v in rows])
+        views = [PagedView(k, v, table, cache.block_size) for k, v in upper]
+        h, _ = run_upper(w, cfg, h, q_last, views)
+    lengths = cache.lengths
+    for (slots, _, num_new), view in zip(segments, rows):
+        lengths = lengths.at[slots].set(jnp.minimum(view.lengths + num_new, cache.max_length), mode="drop")
+    pools = lower + upper
+    return logits_from_hidden(params, h[:, 0]), dataclasses.replace(
+        cache, k=[k for k, _ in pools], v=[v for _, v in pools], lengths=lengths)
 
 
 def _positions(tokens: jax.Array) -> jax.Array:

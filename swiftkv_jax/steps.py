@@ -9,6 +9,7 @@ every step, so XLA updates the pools in place.
   prefill:      one chunk of prompt tokens per row, after what the row already holds
   first_tokens: the first token of each row from its last prefill logits
   decode:       up to `steps` tokens per row in one lax.while_loop (the whole decode in XLA)
+  mixed:        a prefill chunk and one decode token for every running row in one forward pass
   install:      puts admitted rows' block tables and cached-prefix lengths into their slots
 """
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .cache import KVCache
-from .model import forward
+from .model import forward_packed
 from .params import Params
 from .prefix_cache import weights_namespace
 from .sampling import SamplingParams, sample
@@ -33,20 +34,9 @@ MIN_CHUNK = 16  # the smallest chunk bucket
 namespace_of = jax.jit(weights_namespace)
 
 
-def _rows(cache: KVCache, slots: jax.Array | None) -> KVCache:
-    """The cache seen by `slots` (all rows when None): same pools, those rows' tables and lengths."""
-    if slots is None:
-        return cache
-    return dataclasses.replace(cache, block_table=cache.block_table[slots],
-                               lengths=cache.lengths[slots])
-
-
-def _merge(cache: KVCache, rows: KVCache, slots: jax.Array | None) -> KVCache:
-    """`cache` with the pools of `rows` and its rows' lengths written back (padding dropped)."""
-    if slots is None:
-        return rows
-    return dataclasses.replace(cache, k=rows.k, v=rows.v,
-                               lengths=cache.lengths.at[slots].set(rows.lengths, mode="drop"))
+def _all_rows(cache: KVCache, slots: jax.Array | None) -> jax.Array:
+    """`slots`, or every row of the cache when None."""
+    return jnp.arange(cache.batch_size, dtype=jnp.int32) if slots is None else slots
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -55,8 +45,7 @@ def prefill(params: Params, cache: KVCache, tokens: jax.Array, num_new: jax.Arra
     """Runs a chunk of `tokens` [P, T] (the first `num_new[p]` real) after what rows `slots` [P]
     hold (default: every row); returns the logits of each row's last real token [P, V] and the
     cache with the chunk's K/V written and those rows' lengths advanced."""
-    logits, rows = forward(params, _rows(cache, slots), tokens, num_new)
-    return logits, _merge(cache, rows, slots)
+    return forward_packed(params, cache, [(_all_rows(cache, slots), tokens, num_new.astype(jnp.int32))])
 
 
 def token_keys(request_keys: jax.Array, index: jax.Array) -> jax.Array:
@@ -82,7 +71,7 @@ class DecodeState:
     done:    [R] rows that stopped (stop id, token budget, full cache, or padding)
     stopped: [R] rows that stopped at a stop id (which is not output)
     out:     [R, out_len] the tokens produced in this call, 0 after a row's end
-    cache:   the rows' view of the KV cache, threaded through every step
+    cache:   the KV cache, threaded through every step
     """
 
     step: jax.Array
@@ -119,31 +108,71 @@ def decode(params: Params, cache: KVCache, slots: jax.Array | None, token: jax.A
     a row stops at a token in its `stop_ids` [R, MAX_STOP_IDS] (-1 padded; not output), at
     `max_tokens` [R] produced (0 for padding rows), or when its cache row is full.
     """
-    view = _rows(cache, slots)
-    capacity = view.max_length
+    slots = _all_rows(cache, slots)
     steps = jnp.minimum(steps, out_len)
 
     def cond(s: DecodeState) -> jax.Array:
         return (s.step < steps) & ~jnp.all(s.done)
 
     def body(s: DecodeState) -> DecodeState:
-        logits, rows = forward(params, s.cache, s.token[:, None], (~s.done).astype(jnp.int32))
+        logits, new = forward_packed(params, s.cache, [(slots, s.token[:, None],
+                                                        (~s.done).astype(jnp.int32))])
         tok = sample(logits, token_keys(request_keys, s.counts), sampling)
-        stop = ~s.done & jnp.any(tok[:, None] == stop_ids, axis=1)
-        emit = ~s.done & ~stop
-        counts = s.counts + emit
-        done = s.done | stop | (counts >= max_tokens) | (rows.lengths >= capacity)
-        return DecodeState(s.step + 1, jnp.where(emit, tok, s.token), counts, done,
-                           s.stopped | stop, s.out.at[:, s.step].set(jnp.where(emit, tok, 0)), rows)
+        r = _advance(s.done, tok, s.token, s.counts, s.stopped, stop_ids, max_tokens,
+                     new.rows(slots).lengths, new.max_length)
+        return DecodeState(s.step + 1, r.token, r.counts, r.done, r.stopped,
+                           s.out.at[:, s.step].set(r.out[:, 0]), new)
 
-    r = token.shape[0]
-    full = (view.lengths >= capacity) | (counts >= max_tokens)
-    start = DecodeState(jnp.int32(0), token, counts, full, jnp.zeros((r,), bool),
-                        jnp.zeros((r, out_len), jnp.int32), view)
+    start = DecodeState(jnp.int32(0), token, counts, _finished(cache.rows(slots), counts, max_tokens),
+                        jnp.zeros(token.shape, bool), jnp.zeros(token.shape + (out_len,), jnp.int32),
+                        cache)
     end = jax.lax.while_loop(cond, body, start)
     result = DecodeResult(end.out, end.counts, end.token, end.done, end.stopped,
-                          end.cache.lengths)
-    return result, _merge(cache, end.cache, slots)
+                          end.cache.rows(slots).lengths)
+    return result, end.cache
+
+
+def _finished(rows: KVCache, counts: jax.Array, max_tokens: jax.Array) -> jax.Array:
+    """[R] rows that cannot decode: their cache row is full or their token budget spent."""
+    return (rows.lengths >= rows.max_length) | (counts >= max_tokens)
+
+
+def _advance(done: jax.Array, tok: jax.Array, last: jax.Array, counts: jax.Array,
+             stopped: jax.Array, stop_ids: jax.Array, max_tokens: jax.Array, lengths: jax.Array,
+             capacity: int) -> DecodeResult:
+    """The rows after one decode step sampled `tok` [R]: a stop id ends a row and is not output;
+    otherwise the token is emitted, and the row ends at its token budget or a full cache row."""
+    stop = ~done & jnp.any(tok[:, None] == stop_ids, axis=1)
+    emit = ~done & ~stop
+    counts = counts + emit
+    done = done | stop | (counts >= max_tokens) | (lengths >= capacity)
+    return DecodeResult(jnp.where(emit, tok, 0)[:, None], counts, jnp.where(emit, tok, last), done,
+                        stopped | stop, lengths)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def mixed(params: Params, cache: KVCache, chunk_slots: jax.Array, chunk: jax.Array,
+          num_new: jax.Array, decode_slots: jax.Array, token: jax.Array, counts: jax.Array,
+          max_tokens: jax.Array, sampling: SamplingParams, request_keys: jax.Array,
+          stop_ids: jax.Array) -> tuple[jax.Array, DecodeResult, KVCache]:
+    """A prefill chunk [P, W] for rows `chunk_slots` and one decode step for rows `decode_slots`
+    [R], in one forward pass (forward_packed): the running requests' next tokens ride along with
+    the chunk instead of costing a pass of their own (chunked prefill as in vLLM/Sarathi-Serve).
+
+    Decode arguments as in `decode`; `sampling` and `request_keys` cover the P chunk rows, then
+    the R decode rows. Returns (each chunk row's first token [P], sampled from its last logits:
+    meaningful where the chunk ends its prompt), the decode rows' result (out [R, 1]), the cache.
+    """
+    p = chunk.shape[0]
+    done = _finished(cache.rows(decode_slots), counts, max_tokens)
+    logits, cache = forward_packed(params, cache, [(chunk_slots, chunk, num_new),
+                                                   (decode_slots, token[:, None], (~done).astype(jnp.int32))])
+    index = jnp.concatenate([jnp.zeros((p,), jnp.int32), counts])
+    tok = sample(logits, token_keys(request_keys, index), sampling)
+    lengths = cache.rows(decode_slots).lengths
+    result = _advance(done, tok[p:], token, counts, jnp.zeros_like(done), stop_ids, max_tokens,
+                      lengths, cache.max_length)
+    return tok[:p], result, cache
 
 
 def chunk_bucket(tokens: int, chunk_size: int) -> int:

@@ -43,6 +43,26 @@ def last_token(x: jax.Array, num_new: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)
 
 
+def write_upper_kv(weights: Weights, config: ModelConfig, h_l: jax.Array, q_pos: jax.Array,
+                   kv: KVPlacement, states: list[LayerKV | None]) -> list[LayerKV]:
+    """The G group cache slots with every token's group K/V (from h_L [B, T, D]) written."""
+    k, v = group_kv(weights["swiftkv"], config, h_l, rope_angles(config, q_pos))
+    return [kv.write(state, k[j], v[j]) for j, state in enumerate(states)]
+
+
+def run_upper(weights: Weights, config: ModelConfig, h: jax.Array, q_pos: jax.Array,
+              views: list[KVView]) -> tuple[jax.Array, jax.Array]:
+    """Layers [L, N) on h [B, T, D] at q_pos, each over its group's view. Returns (h, the hidden
+    state entering the last layer)."""
+    L, g = config.num_key_value_layers, config.key_value_group_size
+    rope = rope_angles(config, q_pos)
+    into_last = h
+    for i in range(L, config.num_layers):
+        into_last = h
+        h = swiftkv_layer(weights["layers"][i], config, h, q_pos, rope, views[(i - L) // g])
+    return h, into_last
+
+
 def upper_layers(weights: Weights, config: ModelConfig, h_l: jax.Array, q_pos: jax.Array,
                  kv: KVPlacement, states: list[LayerKV | None], num_new: jax.Array | None = None
                  ) -> tuple[jax.Array, list[LayerKV], jax.Array]:
@@ -52,16 +72,9 @@ def upper_layers(weights: Weights, config: ModelConfig, h_l: jax.Array, q_pos: j
     `num_new` [B] (prefill), only each row's last real token runs the layers and h comes back
     [B, 1, D]. Returns (h, the new group states, the hidden state entering the last layer).
     """
-    L, g = config.num_key_value_layers, config.key_value_group_size
-    k, v = group_kv(weights["swiftkv"], config, h_l, rope_angles(config, q_pos))
-    states = [kv.write(state, k[j], v[j]) for j, state in enumerate(states)]
-    views = [kv.read(state) for state in states]
+    states = write_upper_kv(weights, config, h_l, q_pos, kv, states)
     h = h_l
     if num_new is not None:
         h, q_pos = last_token(h_l, num_new), last_token(q_pos, num_new)
-    rope = rope_angles(config, q_pos)
-    into_last = h
-    for i in range(L, config.num_layers):
-        into_last = h
-        h = swiftkv_layer(weights["layers"][i], config, h, q_pos, rope, views[(i - L) // g])
+    h, into_last = run_upper(weights, config, h, q_pos, [kv.read(state) for state in states])
     return h, states, into_last

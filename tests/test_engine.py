@@ -120,6 +120,10 @@ def test_seeded_sampling_is_reproducible_per_request(plain):
     others = [engine.submit(p, SamplingOptions(max_tokens=n, temperature=t, seed=i, stop_ids=()))
               for i, ((p, n), t) in enumerate(zip(workload(2, n=5), [0.7, 0.0, 1.3, 1.0, 0.5]))]
     crowded = engine.submit(prompt, mine)
+    while not crowded.tokens:
+        engine.step()
+    # A long prompt arrives: its chunks carry crowded's next tokens (the mixed step).
+    others.append(engine.submit(prompts(160, [80], seed=15)[0], greedy(2)))
     assert crowded.result() == solo  # same seed and prompt: same draws, whatever runs beside it
     assert solo == alone(plain, prompt, 16, temperature=1.0, top_k=20, top_p=0.9, seed=5)
     assert engine.submit(prompt, dataclasses.replace(mine, seed=6)).result() != solo
