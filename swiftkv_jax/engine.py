@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import statistics
 import threading
 import time
-from typing import Any, Sequence as Seq
+from typing import Any, Callable, Sequence as Seq
 
 import jax
 import jax.numpy as jnp
@@ -378,36 +379,48 @@ class Engine:
 
     def warmup(self) -> float:
         """Compiles every shape the steps can take (mixed steps of each chunk shape, decode row
-        buckets, admission), so no request waits for a compile; returns the seconds it took."""
+        buckets, admission), so no request waits for a compile; returns the seconds it took.
+        Warm-up yields to requests: while the background loop has work (a chat's first message
+        sent during warm-up), it waits, so the request only pays for the programs it uses."""
         t0 = time.perf_counter()
-        with self._step_lock:
-            width = MIN_CHUNK
-            while width <= self.chunk_size:
-                rows = 1
-                while rows <= min(self.max_slots, self.chunk_size // width):
-                    self._mixed([], width, [], pad_rows=rows)  # all padding: nothing is written
-                    rows *= 2
-                width *= 2
-            rows = 1
-            while True:
-                r = min(rows, self.max_slots)
-                zeros = jnp.zeros((r,), jnp.int32)
-                _, self.cache = decode(self.params, self.cache, jnp.full((r,), self.max_slots, jnp.int32),
-                                       zeros, zeros, zeros, *self._sampling([], r),
-                                       jnp.full((r, MAX_STOP_IDS), -1, jnp.int32),
-                                       jnp.int32(1), out_len=self.decode_steps)
-                if r == self.max_slots:
-                    break
-                rows *= 2
-            per_row = self.cache.block_table.shape[1]
-            empty = jnp.zeros((1, per_row), jnp.int32)
-            idx, table, _, _ = admit(self.cache.index, empty, jnp.zeros((1, self.max_length), jnp.int32),
-                                     jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32), self._namespace)
-            del idx  # admission of nothing; the index stays as it was
-            self.cache = install(self.cache, jnp.full((1,), self.max_slots, jnp.int32), table,
-                                 jnp.zeros((1,), jnp.int32))
-            publish(self.cache.index, empty, jnp.zeros((1, self.max_length), jnp.int32),
-                    jnp.zeros((1,), jnp.int32), self._namespace)
-            release(self.cache.index, empty, jnp.zeros((1,), jnp.int32))
-            jax.block_until_ready(self.cache)
+        for compile_one in self._warmup_programs():
+            while self.running and self._scheduler.has_work():
+                time.sleep(0.02)
+            with self._step_lock:
+                compile_one()
+        jax.block_until_ready(self.cache)
         return time.perf_counter() - t0
+
+    def _warmup_programs(self) -> list[Callable[[], None]]:
+        """One thunk per program shape; each runs it on padding only (nothing is written)."""
+        programs: list[Callable[[], None]] = []
+        width = MIN_CHUNK
+        while width <= self.chunk_size:
+            rows = 1
+            while rows <= min(self.max_slots, self.chunk_size // width):
+                programs.append(functools.partial(self._mixed, [], width, [], pad_rows=rows))
+                rows *= 2
+            width *= 2
+        rows = 1
+        while True:
+            programs.append(functools.partial(self._decode_padding, min(rows, self.max_slots)))
+            if rows >= self.max_slots:
+                break
+            rows *= 2
+        return programs + [self._index_padding]
+
+    def _decode_padding(self, rows: int) -> None:
+        zeros = jnp.zeros((rows,), jnp.int32)
+        _, self.cache = decode(self.params, self.cache, jnp.full((rows,), self.max_slots, jnp.int32),
+                               zeros, zeros, zeros, *self._sampling([], rows),
+                               jnp.full((rows, MAX_STOP_IDS), -1, jnp.int32), jnp.int32(1),
+                               out_len=self.decode_steps)
+
+    def _index_padding(self) -> None:
+        """Admission, install, publish and release of nothing: the index stays as it was."""
+        empty = jnp.zeros((1, self.cache.block_table.shape[1]), jnp.int32)
+        tokens, none = jnp.zeros((1, self.max_length), jnp.int32), jnp.zeros((1,), jnp.int32)
+        _, table, _, _ = admit(self.cache.index, empty, tokens, none, none, self._namespace)
+        self.cache = install(self.cache, jnp.full((1,), self.max_slots, jnp.int32), table, none)
+        publish(self.cache.index, empty, tokens, none, self._namespace)
+        release(self.cache.index, empty, none)
