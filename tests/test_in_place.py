@@ -1,0 +1,40 @@
+"""The KV pools are updated in place: no step program copies a pool (a copy costs the whole
+pool's bytes per layer per step, so a step's time would grow with the pool, not with the work)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import swiftkv_jax as sk
+from swiftkv_jax.request import MAX_STOP_IDS
+from swiftkv_jax.sampling import SamplingParams
+from swiftkv_jax.steps import decode, prefill
+
+CFG = sk.ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
+                     num_heads=4, num_kv_heads=2, head_dim=8)
+
+
+def pool_copies(compiled_text: str, pool: jax.Array) -> int:
+    """How many `copy` instructions produce an array of the pool's shape."""
+    shape = f"f32[{','.join(map(str, pool.shape))}]"
+    return len(re.findall(rf"= {re.escape(shape)}\S* copy\(", compiled_text))
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_decode_and_prefill_of_some_rows_never_copy_the_pool(rows):
+    params = sk.init_params(CFG, jax.random.PRNGKey(0))
+    cache = sk.init_cache(params, 8, 192)  # 8 slots; the step touches `rows` of them (a pool this
+    # size is what made XLA copy it: at 4 x 64 tokens it did not)
+    slots = jnp.arange(rows, dtype=jnp.int32)
+    ones = jnp.ones((rows,), jnp.int32)
+    step = decode.lower(params, cache, slots, ones, ones, ones * 9,
+                        SamplingParams.make(jnp.zeros(rows), jnp.zeros(rows, jnp.int32), jnp.ones(rows)),
+                        jnp.zeros((rows, 2), jnp.uint32), jnp.full((rows, MAX_STOP_IDS), -1, jnp.int32),
+                        jnp.int32(4), out_len=4).compile().as_text()
+    assert pool_copies(step, cache.k[0]) == 0
+    one_token = prefill.lower(params, cache, jnp.ones((rows, 1), jnp.int32), ones, slots).compile().as_text()
+    assert pool_copies(one_token, cache.k[0]) == 0
