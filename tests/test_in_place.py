@@ -12,7 +12,7 @@ import pytest
 import swiftkv_jax as sk
 from swiftkv_jax.request import MAX_STOP_IDS
 from swiftkv_jax.sampling import SamplingParams
-from swiftkv_jax.steps import decode, prefill
+from swiftkv_jax.steps import decode, mixed, prefill
 
 CFG = sk.ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8)
@@ -38,3 +38,17 @@ def test_decode_and_prefill_of_some_rows_never_copy_the_pool(rows):
     assert pool_copies(step, cache.k[0]) == 0
     one_token = prefill.lower(params, cache, jnp.ones((rows, 1), jnp.int32), ones, slots).compile().as_text()
     assert pool_copies(one_token, cache.k[0]) == 0
+
+
+def test_the_mixed_step_never_copies_the_pool():
+    params = sk.init_params(CFG, jax.random.PRNGKey(0))
+    cache = sk.init_cache(params, 8, 192)
+    r = 8
+    ones = jnp.ones((r,), jnp.int32)
+    step = mixed.lower(params, cache, jnp.zeros((1,), jnp.int32), jnp.ones((1, 16), jnp.int32),
+                       jnp.ones((1,), jnp.int32), jnp.arange(1, 1 + r, dtype=jnp.int32), ones, ones,
+                       ones * 9, SamplingParams.make(jnp.zeros(1 + r), jnp.zeros(1 + r, jnp.int32),
+                                                     jnp.ones(1 + r)),
+                       jnp.zeros((1 + r, 2), jnp.uint32), jnp.full((r, MAX_STOP_IDS), -1, jnp.int32)
+                       ).compile().as_text()
+    assert pool_copies(step, cache.k[0]) == 0
