@@ -313,10 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"model": model, "cpu": cpu_name(), "ceilings": ceilings,
                            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     res["throughput"] = case_throughput(models, args)
+    # Each case's compiled programs are dropped before the next: a process holding every
+    # geometry's executables ran out of memory maps in LLVM's JIT (case (d), 2-core AMD EPYC).
+    jax.clear_caches()
     res["single"] = case_single(base, args)
+    jax.clear_caches()
     log(f"(b) engine {res['single']['engine_decode_tok_s']:.1f} vs generate() "
         f"{res['single']['generate_decode_tok_s']:.1f} decode tok/s")
     res["prefix"] = case_prefix(base, tokenizer, args) if tokenizer is not None else None  # not --quick
+    jax.clear_caches()
     res["stalls"] = case_stalls(base, args)
     res["other_cpu_share"] = cpu.others()
     a = res["throughput"]
