@@ -243,9 +243,9 @@ class Engine:
             num_new[i] = n
         return chunk, num_new, self._slot_ids([s for s, _ in rows], p)
 
-    def _prefilled(self, rows: list[tuple[Sequence, int]], first: Any) -> None:
+    def _prefilled(self, rows: list[tuple[Sequence, int]], first: jax.Array) -> None:
         """After a chunk: advances and publishes each row; a row whose prompt is done takes its
-        first token (`first()` [P] fetches them, only when one is needed) and starts decoding."""
+        first token (from `first` [P], read only when one is needed) and starts decoding."""
         for seq, n in rows:
             seq.pos += n
             seq.kv_len = seq.pos
@@ -253,7 +253,7 @@ class Engine:
         self._counters["prefill_tokens"] += sum(n for _, n in rows)
         if not any(seq.prompt_left == 0 for seq, _ in rows):
             return
-        tokens = to_host(first())
+        tokens = to_host(first)
         for i, (seq, _) in enumerate(rows):
             if seq.prompt_left:
                 continue
@@ -301,7 +301,7 @@ class Engine:
             jnp.asarray(self._slot_ids(decoding, self.max_slots)), inputs["token"], inputs["counts"],
             inputs["max_tokens"], sampling, jnp.concatenate([chunk_keys, decode_keys]), inputs["stop_ids"])
         self._decoded(decoding, inputs["counts"], result)
-        self._prefilled(rows, lambda: first)
+        self._prefilled(rows, first)
 
     def _decoded(self, seqs: list[Sequence], counts: np.ndarray, result: DecodeResult) -> None:
         """Delivers a decode call's new tokens and ends the rows that finished."""
