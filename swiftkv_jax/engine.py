@@ -222,13 +222,18 @@ class Engine:
         ids[:len(seqs)] = [s.slot for s in seqs]
         return ids
 
-    def _sampling(self, seqs: list[Sequence], rows: int) -> tuple[SamplingParams, jax.Array]:
-        """Per-row sampling settings and request keys, padding rows greedy."""
-        temperature, top_k, top_p = np.zeros(rows, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32)
-        keys = np.zeros((rows, 2), np.uint32)
-        for i, s in enumerate(seqs):
-            o = s.options
-            temperature[i], top_k[i], top_p[i], keys[i] = o.temperature, o.top_k, o.top_p, s.key
+    def _sampling(self, *groups: tuple[list[Sequence], int]) -> tuple[SamplingParams, jax.Array]:
+        """Per-row sampling settings and request keys of `groups` of (sequences, rows) laid one
+        after another, each padded to its rows with greedy rows."""
+        n = sum(rows for _, rows in groups)
+        temperature, top_k, top_p = np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32)
+        keys = np.zeros((n, 2), np.uint32)
+        start = 0
+        for seqs, rows in groups:
+            for i, s in enumerate(seqs, start):
+                o = s.options
+                temperature[i], top_k[i], top_p[i], keys[i] = o.temperature, o.top_k, o.top_p, s.key
+            start += rows
         return SamplingParams.make(temperature, top_k, top_p), jnp.asarray(keys)
 
     def _chunk(self, rows: list[tuple[Sequence, int]], width: int, pad_rows: int
@@ -279,7 +284,7 @@ class Engine:
     def _decode(self, seqs: list[Sequence], max_steps: int) -> None:
         r = min(pow2_at_least(len(seqs)), self.max_slots)
         inputs = self._decode_rows(seqs, r)
-        sampling, keys = self._sampling(seqs, r)
+        sampling, keys = self._sampling((seqs, r))
         steps = min(max_steps, int((inputs["max_tokens"] - inputs["counts"]).max()))
         result, self.cache = decode(self.params, self.cache, jnp.asarray(self._slot_ids(seqs, r)),
                                     inputs["token"], inputs["counts"], inputs["max_tokens"], sampling,
@@ -293,13 +298,11 @@ class Engine:
         cost a token of matmul each), so there is one program per chunk shape."""
         chunk, num_new, slots = self._chunk(rows, width, pad_rows)
         inputs = self._decode_rows(decoding, self.max_slots)
-        chunk_sampling, chunk_keys = self._sampling([s for s, _ in rows], len(slots))
-        decode_sampling, decode_keys = self._sampling(decoding, self.max_slots)
-        sampling = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), chunk_sampling, decode_sampling)
+        sampling, keys = self._sampling(([s for s, _ in rows], len(slots)), (decoding, self.max_slots))
         first, result, self.cache = mixed(
             self.params, self.cache, jnp.asarray(slots), jnp.asarray(chunk), jnp.asarray(num_new),
             jnp.asarray(self._slot_ids(decoding, self.max_slots)), inputs["token"], inputs["counts"],
-            inputs["max_tokens"], sampling, jnp.concatenate([chunk_keys, decode_keys]), inputs["stop_ids"])
+            inputs["max_tokens"], sampling, keys, inputs["stop_ids"])
         self._decoded(decoding, inputs["counts"], result)
         self._prefilled(rows, first)
 
@@ -412,7 +415,7 @@ class Engine:
     def _decode_padding(self, rows: int) -> None:
         zeros = jnp.zeros((rows,), jnp.int32)
         _, self.cache = decode(self.params, self.cache, jnp.full((rows,), self.max_slots, jnp.int32),
-                               zeros, zeros, zeros, *self._sampling([], rows),
+                               zeros, zeros, zeros, *self._sampling(([], rows)),
                                jnp.full((rows, MAX_STOP_IDS), -1, jnp.int32), jnp.int32(1),
                                out_len=self.decode_steps)
 
