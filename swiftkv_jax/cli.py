@@ -159,6 +159,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     params, tokenizer = sk.load(args.source, dtype=_dtype(args.dtype))
     if args.num_key_value_layers is not None:
         params = sk.to_swiftkv(params, args.num_key_value_layers, args.group_size)
+    if args.swiftkv_tensors:
+        from swiftkv_jax.shipped import save_swiftkv_tensors
+        path = save_swiftkv_tensors(params, args.out)
+        print(f"wrote {path} (the SwiftKV tensors only, float16; load them by the folder's name "
+              "once it is under swiftkv_jax/models/)")
+        return 0
     if args.hf:
         save_hf_folder(params, args.out, tokenizer)
     else:
@@ -190,23 +196,38 @@ def _swiftkv_params(params: Any, num_key_value_layers: int | None, group_size: i
 
 
 def _examples(args: argparse.Namespace, params: Any, tokenizer: Any) -> tuple[list, list, str]:
-    """(train, held-out) examples of --data, or of the built-in ShareGPT self-distillation set."""
+    """(train, held-out) examples of --data, or of a built-in ShareGPT corpus.
+
+    Both built-in corpora hold out the same teacher-answered prompts (by a hash of the prompt, of
+    ShareGPT's first --num-prompts), so their runs are evaluated on one set: `teacher-answers`
+    trains on the teacher's answers to the other prompts, `sharegpt` on ShareGPT's own
+    conversations (none of which starts with a held-out prompt).
+    """
     import swiftkv_jax as sk
     from swiftkv_jax import data
 
     if args.data:
-        examples = data.read_examples(args.data)
+        train, held = data.split_held_out(data.read_examples(args.data), args.held_out_percent)
         name = Path(args.data).name
     else:
-        examples = data.self_distillation_set(
-            sk.swiftkv_off(params), tokenizer, num_prompts=args.num_prompts,
-            max_new_tokens=args.answer_tokens, batch_size=args.generate_batch_size,
-            cache_dir=args.data_cache)
-        name = f"sharegpt-self-distill-{len(examples)}"
-    train, held = data.split_held_out(examples, args.held_out_percent)
+        answer = dict(max_new_tokens=args.answer_tokens, batch_size=args.generate_batch_size,
+                      cache_dir=args.data_cache)
+        teacher = sk.swiftkv_off(params)
+        train_prompts, held_prompts = data.split_prompts(data.sharegpt_prompts(args.num_prompts),
+                                                         args.held_out_percent)
+        held = data.teacher_answers(teacher, tokenizer, held_prompts, **answer)
+        if args.corpus == "teacher-answers":
+            train = data.teacher_answers(teacher, tokenizer, train_prompts, **answer)
+            name = f"sharegpt-teacher-answers-{len(train) + len(held)}"
+        else:
+            held_set = set(held_prompts)
+            train = data.sharegpt_conversations(
+                args.num_conversations, max_chars=args.conversation_chars,
+                exclude=lambda p: p in held_set or data.is_held_out_prompt(p, args.held_out_percent))
+            name = f"sharegpt-conversations-{len(train)}"
     if not train or not held:
-        raise ValueError(f"{len(examples)} examples split into {len(train)} train and {len(held)} "
-                         f"held-out; give more data or change --held-out-percent")
+        raise ValueError(f"the data split into {len(train)} train and {len(held)} held-out "
+                         f"examples; give more data or change --held-out-percent")
     return train, held, name
 
 
@@ -334,7 +355,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "prompts answered by the teacher, made once and cached)")
     p.add_argument("--held-out-percent", type=float, default=10.0,
                    help="share of examples held out for evaluation (chosen by content hash)")
-    p.add_argument("--num-prompts", type=int, default=480, help="built-in set: ShareGPT prompts")
+    p.add_argument("--corpus", choices=("teacher-answers", "sharegpt"), default="teacher-answers",
+                   help="built-in data without --data: ShareGPT prompts answered by the teacher, or "
+                        "ShareGPT's own conversations (no generation); both are evaluated on the "
+                        "teacher's answers to the held-out prompts")
+    p.add_argument("--num-prompts", type=int, default=480,
+                   help="built-in data: ShareGPT prompts (the held-out share of them is evaluated on)")
+    p.add_argument("--num-conversations", type=int, default=4000,
+                   help="--corpus sharegpt: conversations to train on")
+    p.add_argument("--conversation-chars", type=int, default=3000,
+                   help="--corpus sharegpt: whole turns kept up to this many characters")
     p.add_argument("--answer-tokens", type=int, default=160, help="built-in set: max answer tokens")
     p.add_argument("--generate-batch-size", type=int, default=16, help="built-in set: prompts per call")
     p.add_argument("--data-cache", default=None, help="built-in set: cache folder "
@@ -425,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("out", help="output folder (written atomically)")
     conv.add_argument("--hf", action="store_true",
                       help="write Hugging Face safetensors (llama_swiftkv for SwiftKV models)")
+    conv.add_argument("--swiftkv-tensors", action="store_true",
+                      help="write only the SwiftKV tensors of a distilled model (float16 "
+                           "safetensors, a few MB): how swiftkv_jax/models/ ships a model by name")
     conv.add_argument("--num-key-value-layers", type=int, default=None,
                       help="make a SwiftKV model: layers >= L take K/V from layer L's input")
     conv.add_argument("--group-size", type=int, default=1, help="AcrossKV group size g")

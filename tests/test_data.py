@@ -129,6 +129,31 @@ def test_sharegpt_prompts_from_the_package():
     assert all(20 <= len(p) <= 500 and data.is_english(p) for p in prompts)
 
 
+def test_sharegpt_conversations_from_the_package():
+    held = set(data.split_prompts(data.sharegpt_prompts(200), 10)[1])
+    exclude = lambda p: p in held or data.is_held_out_prompt(p, 10)
+    chats = data.sharegpt_conversations(300, max_chars=1500, exclude=exclude)
+    assert len(chats) == 300
+    for c in chats:
+        roles = [m["role"] for m in c["messages"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
+        assert all(data.is_english(m["content"]) and m["content"] for m in c["messages"])
+        assert sum(len(m["content"]) for m in c["messages"]) <= 1500
+        assert not exclude(c["messages"][0]["content"])
+    assert max(len(c["messages"]) for c in chats) > 2  # whole conversations, not first turns only
+    # The held-out prompts' own conversations are in the file, and skipped.
+    everything = data.sharegpt_conversations(300, max_chars=1500)
+    assert {c["messages"][0]["content"] for c in everything} & held
+
+
+def test_prompt_split_agrees_with_the_hash_rule():
+    prompts = [f"question number {i}?" for i in range(300)]
+    train, held = data.split_prompts(prompts, 10)
+    assert 10 <= len(held) <= 50 and sorted(train + held) == sorted(prompts)
+    assert all(data.is_held_out_prompt(p, 10) for p in held)
+    assert not any(data.is_held_out_prompt(p, 10) for p in train)
+
+
 def test_self_distillation_set_is_generated_once_and_resumed(tmp_path, tok, monkeypatch):
     cfg = ModelConfig(vocab_size=160, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=8, eos_token_ids=(2,))
@@ -160,6 +185,10 @@ def test_self_distillation_set_is_generated_once_and_resumed(tmp_path, tok, monk
     more = data.self_distillation_set(teacher, tok, **dict(kwargs, num_prompts=5))
     assert more[:3] == again and [c["messages"][0]["content"] for c in more] == prompts
     assert calls == [1, 2] and len(list(tmp_path.glob("sharegpt_*.jsonl"))) == 1
+    # Any subset, in any order, is answered from the file.
+    subset = data.teacher_answers(teacher, tok, prompts[::-2], **{k: v for k, v in kwargs.items()
+                                                                 if k != "num_prompts"})
+    assert subset == more[::-2] and calls == [1, 2]
 
 
 def test_english_calibration_text():
@@ -168,3 +197,24 @@ def test_english_calibration_text():
     except DataError as e:
         pytest.fail(f"{e} (the README's test command installs it)")
     assert len(texts) == 3 and all(len(t["text"]) > 1000 and "<doc" not in t["text"] for t in texts)
+
+
+def test_both_builtin_corpora_hold_out_the_same_teacher_answers(tmp_path, tok):
+    from argparse import Namespace
+
+    from swiftkv_jax.cli import _examples
+
+    cfg = ModelConfig(vocab_size=160, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8, eos_token_ids=(2,))
+    teacher = sk.init_params(cfg, jax.random.PRNGKey(0))
+    args = Namespace(data=None, num_prompts=40, held_out_percent=10.0, answer_tokens=4,
+                     generate_batch_size=8, data_cache=tmp_path, num_conversations=30,
+                     conversation_chars=800)
+    train_a, held_a, name_a = _examples(Namespace(**vars(args), corpus="teacher-answers"), teacher, tok)
+    train_c, held_c, name_c = _examples(Namespace(**vars(args), corpus="sharegpt"), teacher, tok)
+    assert held_a == held_c and held_a and all(c["messages"][1]["role"] == "assistant" for c in held_a)
+    held_prompts = {c["messages"][0]["content"] for c in held_a}
+    assert len(train_a) + len(held_a) == 40 and not held_prompts & {c["messages"][0]["content"] for c in train_a}
+    assert len(train_c) == 30 and not held_prompts & {c["messages"][0]["content"] for c in train_c}
+    assert name_a.startswith("sharegpt-teacher-answers") and name_c.startswith("sharegpt-conversations")
+
