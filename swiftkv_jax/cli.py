@@ -518,5 +518,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `swiftkv-jax` console script: main() in a process whose large buffers use huge pages
+    (hugepages.py; re-executes itself once where that is possible)."""
+    from .hugepages import reexec_with_huge_pages
+
+    reexec_with_huge_pages(sys.argv)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
