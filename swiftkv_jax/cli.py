@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 DTYPES = ("auto", "float32", "bfloat16")
+# When the console script's process reached this module (generate --verbose: start-up breakdown);
+# Python's own start-up (and the huge-page re-execution) come before it.
+_STARTED = time.perf_counter()
 
 
 def _dtype(name: str) -> Any:
@@ -54,10 +57,13 @@ def _load_with_tokenizer(args: argparse.Namespace, purpose: str, mesh: Any = Non
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """`swiftkv-jax generate`: answers one prompt; reports time to first token and decode speed."""
+    t_imports = time.perf_counter()
     import swiftkv_jax as sk
     from .tokenization import encode_prompt
 
+    t_load = time.perf_counter()
     params, tokenizer = _load_with_tokenizer(args, "generate", mesh=_mesh(args))
+    t_loaded = time.perf_counter()
     ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat_template, system=args.system)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     cache = sk.init_cache(params, 1, len(ids) + args.max_new_tokens)
@@ -76,6 +82,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"[{len(ids)} prompt tokens, {len(out)} new | first token {timings['prefill_s'] * 1e3:.0f} ms"
           f" | decode {decode_tps:.1f} tokens/s | warm-up and compilation {compile_s:.1f} s]",
           file=sys.stderr)
+    if args.verbose:
+        print(f"[start-up: Python and the command line {t_imports - _STARTED:.1f} s, importing JAX and "
+              f"the library {t_load - t_imports:.1f} s, weights and tokenizer {t_loaded - t_load:.1f} s, "
+              f"compiling or reading the compilation cache {compile_s:.1f} s; answer "
+              f"{timings['prefill_s'] + timings['decode_s']:.1f} s; since start "
+              f"{time.perf_counter() - _STARTED:.1f} s]", file=sys.stderr)
     return 0
 
 
@@ -402,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: float32 on CPU, bfloat16 on GPU/TPU")
     gen.add_argument("--compare-swiftkv-off", action="store_true",
                      help="for a SwiftKV model: also time prefill with SwiftKV off, show the saving")
+    gen.add_argument("--verbose", action="store_true", help="print where start-up time went")
     add_mesh_args(gen)
     gen.set_defaults(func=cmd_generate)
 
