@@ -22,6 +22,16 @@ def test_convert_to_checkpoint_and_swiftkv_hf(gqa_model, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base.weights), jax.tree.leaves(off.weights)))
 
 
+def test_convert_swiftkv_tensors_only(gqa_model, tmp_path):
+    from swiftkv_jax import shipped
+    folder, _ = gqa_model
+    assert main(["convert", str(folder), str(tmp_path / "m"), "--num-key-value-layers", "1",
+                 "--swiftkv-tensors"]) == 0
+    assert [p.name for p in (tmp_path / "m").iterdir()] == [shipped.TENSORS_FILE]
+    base, _ = sk.load(folder, progress=False)
+    assert shipped.base_fingerprint(base) == shipped.base_fingerprint(sk.swiftkv_off(sk.to_swiftkv(base, 1)))
+
+
 def test_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert main(["generate", "hi", "--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
@@ -36,6 +46,6 @@ def test_generate_prints_the_answer_of_the_default_model(capsys):
         sk.default_model_path()
     except FileNotFoundError as e:
         pytest.fail(f"{e} (the README's test command installs it)")
-    assert main(["generate", "What is the capital of France?", "--max-new-tokens", "12"]) == 0
+    assert main(["generate", "What is the capital of France?", "--max-new-tokens", "12", "--verbose"]) == 0
     out = capsys.readouterr()
-    assert "Paris" in out.out and "tokens/s" in out.err
+    assert "Paris" in out.out and "tokens/s" in out.err and "[start-up: " in out.err
