@@ -92,3 +92,23 @@ def test_tokenizer_cached_on_disk_encodes_like_transformers(tmp_path, monkeypatc
         assert chat_ids(ours, q) == chat_ids(ref, q)
         assert ours.encode(q) == ref.encode(q)
     assert ours.eos_token_id == ref.eos_token_id and ours.bos_token_id == ref.bos_token_id
+
+
+def test_shipped_swiftkv_model_equals_the_reference_and_knows_paris():
+    """`load("smollm2-swiftkv")`: the shipped SwiftKV tensors merged into the installed GGUF equal
+    the independent PyTorch SwiftKV reference on transformers' own load of that GGUF, driven by
+    the stored tensors; and the distilled model answers the question every model must."""
+    from swiftkv_jax import shipped
+    from swiftkv_reference import SwiftKVReference
+
+    _, tokenizer, ref = models()
+    params, _ = sk.load("smollm2-swiftkv", progress=False)
+    cfg = params.config
+    reference = SwiftKVReference(ref, cfg.num_key_value_layers, cfg.key_value_group_size)
+    reference.load_swiftkv_tensors(shipped.MODELS_DIR / "smollm2-swiftkv" / shipped.TENSORS_FILE)
+    ids = chat_ids(tokenizer, QUESTIONS[0])
+    ours, _ = sk.forward(params, None, jnp.asarray([ids]), all_logits=True)
+    assert rel_err(ours, reference(torch.tensor([ids])).numpy()) <= 1e-4
+    answer, _ = sk.generate(params, None, ids, max_new_tokens=20)
+    assert "Paris" in tokenizer.decode(answer)
+
