@@ -16,11 +16,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from .params import Params, get_path, merge, tensors
+from .params import Params, merge, tensors
 
 MODELS_DIR = Path(__file__).parent / "models"
 TENSORS_FILE = "swiftkv.safetensors"
-CARD_FILE = "README.md"
 
 
 class ShippedModelError(ValueError):
@@ -47,20 +46,17 @@ def save_swiftkv_tensors(params: Params, folder: str | Path) -> Path:
     """Writes the SwiftKV tensors of `params` (float16) to `folder`/swiftkv.safetensors, with
     L, g and the fingerprint of its base model (`swiftkv_off(params)`) as metadata; written to a
     temporary file first, then renamed, so a stopped export leaves no half file."""
-    from .swiftkv import swiftkv_off
-
     from safetensors.numpy import save_file
+
+    from .swiftkv import swiftkv_off
+    from .weights import params_to_tensors
 
     cfg = params.config
     if not cfg.swiftkv:
         raise ShippedModelError("these params are a plain Llama: only SwiftKV models can be shipped")
-    out: dict[str, np.ndarray] = {}
-    for t in tensors(cfg):
-        if not t.kind.trainable:
-            continue
-        x = np.asarray(get_path(params.weights, t.path), np.float32)
-        for name, part in zip(t.hf_names, x if t.kind.stacked else [x], strict=True):
-            out[name] = np.ascontiguousarray(t.to_hf(part).astype(np.float16))
+    wanted = {name for t in tensors(cfg) if t.kind.trainable for name in t.hf_names}
+    out = {name: np.ascontiguousarray(x.astype(np.float16))
+           for name, x in params_to_tensors(params) if name in wanted}
     meta = {"num_key_value_layers": str(cfg.num_key_value_layers),
             "key_value_group_size": str(cfg.key_value_group_size),
             "base_fingerprint": base_fingerprint(swiftkv_off(params))}
