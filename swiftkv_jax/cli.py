@@ -536,7 +536,7 @@ def entry() -> None:
     (hugepages.py; re-executes itself once where that is possible)."""
     from .hugepages import reexec_with_huge_pages
 
-    reexec_with_huge_pages(sys.argv)
+    reexec_with_huge_pages(sys.orig_argv[1:])  # the interpreter's own arguments: keeps `-m swiftkv_jax.cli`
     sys.exit(main())
 
 

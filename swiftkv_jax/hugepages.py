@@ -43,10 +43,13 @@ def tuned_environment(env: dict[str, str]) -> dict[str, str] | None:
     return dict(env, GLIBC_TUNABLES=f"{tunables}:{TUNABLE}" if tunables else TUNABLE)
 
 
-def reexec_with_huge_pages(argv: Sequence[str]) -> None:
-    """Replaces this process by `sys.executable argv...` with the tunable set; returns (doing
-    nothing) where huge pages are unavailable or the environment already decides."""
+def reexec_with_huge_pages(interpreter_args: Sequence[str]) -> None:
+    """Replaces this process by `sys.executable interpreter_args...` with the tunable set; returns
+    (doing nothing) where huge pages are unavailable or the environment already decides.
+
+    `interpreter_args` are the interpreter's arguments (`sys.orig_argv[1:]`), not `sys.argv`: under
+    `python -m swiftkv_jax.cli` sys.argv[0] is the module's file, which run as a script has no package."""
     env = tuned_environment(dict(os.environ))
     if env is None or not huge_pages_available():
         return
-    os.execve(sys.executable, [sys.executable, *argv], env)
+    os.execve(sys.executable, [sys.executable, *interpreter_args], env)

@@ -46,3 +46,13 @@ def test_reexecuted_process_backs_large_mallocs_with_huge_pages():
     plain = _run(PROBE, GLIBC_TUNABLES=None)
     if "[madvise]" in hugepages.THP_SETTING.read_text():
         assert plain[0] == "None" and int(plain[1]) == 0
+
+
+def test_module_entry_point_survives_the_reexecution():
+    """`python -m swiftkv_jax.cli` (how servers are started) re-executes as a module, not as the
+    file cli.py (which, run as a script, has no package for its relative imports)."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT)}
+    out = subprocess.run([sys.executable, "-m", "swiftkv_jax.cli", "serve", "--help"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert out.returncode == 0 and "--port" in out.stdout, out.stderr
