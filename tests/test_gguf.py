@@ -14,11 +14,17 @@ from gguf_writer import write_gguf
 @pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                                    gguf.GGMLQuantizationType.Q8_0])
 @pytest.mark.parametrize("kv_heads,tied", [(2, True), (1, False)])
-def test_gguf_matches_transformers_gguf_loader(tmp_path, qtype, kv_heads, tied):
+@pytest.mark.parametrize("source", ["converted", "cached"])
+def test_gguf_matches_transformers_gguf_loader(tmp_path, monkeypatch, source, qtype, kv_heads, tied):
+    """Loaded from the file, and again from the dequantised copy the first load kept."""
+    monkeypatch.setenv("SWIFTKV_JAX_WEIGHTS_CACHE", str(tmp_path / "weights"))
     torch_model = make_hf_llama(tmp_path / "hf", num_key_value_heads=kv_heads, tie_word_embeddings=tied,
                                 hidden_size=64, intermediate_size=64)
     path = write_gguf(torch_model, tmp_path / "tiny.gguf", qtype)
     params, _ = sk.load(path, progress=False, tokenizer=False)
+    assert len(list((tmp_path / "weights").iterdir())) == 1  # the converted copy was kept
+    if source == "cached":
+        params, _ = sk.load(path, progress=False, tokenizer=False)
     assert params.config.num_kv_heads == kv_heads and params.config.tie_word_embeddings == tied
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32, attn_implementation="eager").eval()
