@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, TextIO
 from .engine import Engine
 from .handle import FinishReason, RequestHandle
 from .request import SamplingOptions
-from .serve.detokenizer import IncrementalDetokenizer
+from .detokenizer import IncrementalDetokenizer
 from .tokenization import Message, encode_text, render_chat
 
 HELP = "/reset starts a new conversation, /stats shows speed and cache reuse, /quit (or Ctrl-D) leaves"

@@ -56,39 +56,54 @@ def _load_with_tokenizer(args: argparse.Namespace, purpose: str, mesh: Any = Non
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """`swiftkv-jax generate`: answers one prompt; reports time to first token and decode speed."""
+    """`swiftkv-jax generate`: answers one prompt, printed as it is made; reports time to first
+    token and decode speed. The first run of a shape compiles; later runs read the persistent
+    compilation cache (and the GGUF's dequantised copy, weights_cache.py)."""
     t_imports = time.perf_counter()
-    import swiftkv_jax as sk
+    from . import generation
+    from .detokenizer import IncrementalDetokenizer
     from .tokenization import encode_prompt
 
     t_load = time.perf_counter()
     params, tokenizer = _load_with_tokenizer(args, "generate", mesh=_mesh(args))
     t_loaded = time.perf_counter()
     ids = encode_prompt(tokenizer, args.prompt, chat=not args.no_chat_template, system=args.system)
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    cache = sk.init_cache(params, 1, len(ids) + args.max_new_tokens)
-    t0 = time.perf_counter()  # compile once (prefill bucket + decode loop) so timings are warm:
-    # two tokens run the same prefill and decode programs as the answer (the cache fixes shapes)
-    _, cache = sk.generate(params, cache, ids, max_new_tokens=min(2, args.max_new_tokens), **options)
-    compile_s = time.perf_counter() - t0
-    cache = cache.clear()  # time the real prefill, not a prefix-cache hit on the warm-up
-    timings: dict[str, float] = {}
-    out, cache = sk.generate(params, cache, ids, max_new_tokens=args.max_new_tokens,
-                             timings=timings, **options)
-    print(tokenizer.decode(out, skip_special_tokens=True).strip())
+    text = IncrementalDetokenizer(tokenizer)
+    arrivals: list[float] = []  # when each token reached us
+
+    def show(new: list[list[int]]) -> None:
+        arrivals.extend([time.perf_counter()] * len(new[0]))
+        print(text.add(new[0]), end="", flush=True)
+
+    t0 = time.perf_counter()
+    out, _ = generation.generate(params, None, ids, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 seed=args.seed, streamer=show)
+    print(text.flush())
     if args.compare_swiftkv_off:
         _print_prefill_saving(params, ids)
-    decode_tps = max(len(out) - 1, 0) / timings["decode_s"] if timings["decode_s"] > 0 else 0.0
-    print(f"[{len(ids)} prompt tokens, {len(out)} new | first token {timings['prefill_s'] * 1e3:.0f} ms"
-          f" | decode {decode_tps:.1f} tokens/s | warm-up and compilation {compile_s:.1f} s]",
+    rate = steady_decode_rate(arrivals)
+    first = (arrivals[0] if arrivals else time.perf_counter()) - t0
+    print(f"[{len(ids)} prompt tokens, {len(out)} new | first token {first:.2f} s (compiling or reading "
+          "the compilation cache included)" + (f" | decode {rate:.1f} tokens/s" if rate else "") + "]",
           file=sys.stderr)
     if args.verbose:
         print(f"[start-up: Python and the command line {t_imports - _STARTED:.1f} s, importing JAX and "
-              f"the library {t_load - t_imports:.1f} s, weights and tokenizer {t_loaded - t_load:.1f} s, "
-              f"compiling or reading the compilation cache {compile_s:.1f} s; answer "
-              f"{timings['prefill_s'] + timings['decode_s']:.1f} s; since start "
-              f"{time.perf_counter() - _STARTED:.1f} s]", file=sys.stderr)
+              f"the library {t_load - t_imports:.1f} s, weights and tokenizer {t_loaded - t_load:.1f} s; "
+              f"first token {t0 + first - _STARTED:.1f} s and the whole answer "
+              f"{time.perf_counter() - _STARTED:.1f} s after start]", file=sys.stderr)
     return 0
+
+
+def steady_decode_rate(token_times: Sequence[float]) -> float | None:
+    """Decode tokens/s once the decode program runs: tokens arrive in groups (one per decode
+    loop); the first group is the prefill's token and the second paid the decode program's
+    compilation or cache read, so the rate is taken from there to the last group (None when
+    there are too few groups)."""
+    groups = sorted(set(token_times))
+    if len(groups) < 3:
+        return None
+    return sum(t > groups[1] for t in token_times) / (groups[-1] - groups[1])
 
 
 def _print_prefill_saving(params: Any, ids: list[int], repeats: int = 3) -> None:

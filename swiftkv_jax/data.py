@@ -358,7 +358,7 @@ def teacher_answers(teacher: Any, tokenizer: Any, prompts: Sequence[str], max_ne
     """
     from tqdm.auto import tqdm
 
-    from .generate import generate
+    from .generation import generate
     from .cache import init_cache
 
     settings = f"t{max_new_tokens}_T{temperature}_p{top_p}"

@@ -61,7 +61,7 @@ def evaluate(params: Params, data: Packed, batch_size: int = 4) -> dict[str, flo
 def side_by_side(params: Params, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64
                  ) -> list[dict[str, str]]:
     """Greedy answers of the teacher (SwiftKV off) and the student to chat `prompts`."""
-    from .generate import generate
+    from .generation import generate
     from .swiftkv import swiftkv_off
 
     ids = [encode_prompt(tokenizer, p, chat=True) for p in prompts]

@@ -175,7 +175,7 @@ def test_self_distillation_set_is_generated_once_and_resumed(tmp_path, tok, monk
         calls.append(len(batch))
         return real_generate(params, cache, batch, **kw)
 
-    monkeypatch.setattr(sys.modules["swiftkv_jax.generate"], "generate", counting_generate)
+    monkeypatch.setattr(sys.modules["swiftkv_jax.generation"], "generate", counting_generate)
     again = data.self_distillation_set(teacher, tok, **kwargs)
     assert calls == [1]  # only the missing prompt is answered
     assert again[:2] == first[:2] and [c["messages"][0] for c in again] == [c["messages"][0] for c in first]

@@ -8,7 +8,7 @@ from safetensors.numpy import load_file, save_file
 
 import swiftkv_jax as sk
 from swiftkv_jax.config import ConfigError
-from swiftkv_jax.generate import GenerateError
+from swiftkv_jax.generation import GenerateError
 from swiftkv_jax.weights import WeightsError
 
 from conftest import make_hf_llama

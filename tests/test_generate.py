@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import swiftkv_jax as sk
-from swiftkv_jax.generate import decode, prefill, prefill_bucket
+from swiftkv_jax.generation import decode, prefill, prefill_bucket
 from swiftkv_jax.sampling import SamplingParams, filter_logits, sample
 
 CFG = sk.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,

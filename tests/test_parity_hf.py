@@ -87,3 +87,22 @@ def test_bfloat16_is_close_to_float32(gqa_model):
     bf16, _ = sk.forward(params.astype(jnp.bfloat16), None, ids, all_logits=True)
     assert bf16.dtype == jnp.float32  # logits come out in f32 whatever the compute dtype
     assert 1e-4 < rel_err(bf16, f32) < 5e-2  # really computed in bf16, and still close
+
+
+def test_streamed_tokens_match_transformers_and_stop_mid_group(gqa_model):
+    """generate(streamer=...): the first token alone, then groups of STREAM_TOKENS; each row's
+    streamed tokens are HF's greedy tokens up to its stop id (one row stops inside a group and
+    must get nothing more), and generate returns the same."""
+    from swiftkv_jax.generation import STREAM_TOKENS
+    folder, hf = gqa_model
+    params, _ = sk.load(folder, progress=False)
+    batch = prompts(params.config.vocab_size, [9, 21], seed=9)
+    refs = [hf_greedy(hf, p, 30) for p in batch]
+    stop = refs[0][11]  # row 0 stops inside the second decode group
+    want = [r[:r.index(stop)] if stop in r else r for r in refs]
+    calls: list[list[list[int]]] = []
+    ours, _ = sk.generate(params, None, batch, max_new_tokens=30, stop_ids=[stop], streamer=calls.append)
+    assert [len(row) for row in calls[0]] == [1, 1]
+    assert all(len(row) <= STREAM_TOKENS for call in calls for row in call)
+    streamed = [sum((call[i] for call in calls), []) for i in range(2)]
+    assert streamed == want and ours == want

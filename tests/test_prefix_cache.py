@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import swiftkv_jax as sk
-from swiftkv_jax.generate import GenerateError, _admit, make_request, namespace_of, prefill
+from swiftkv_jax.generation import GenerateError, _admit, make_request, namespace_of, prefill
 from swiftkv_jax.prefix_cache import admit, empty_index, register
 from conftest import prompts, rel_err
 

@@ -245,7 +245,7 @@ def _params(config, seed: int) -> sk.Params:
 
 
 def _prefill_logits(params, cache) -> np.ndarray:
-    from swiftkv_jax.generate import prefill
+    from swiftkv_jax.generation import prefill
     tokens = np.zeros((len(PROMPTS), 16), np.int32)
     for i, row in enumerate(PROMPTS):
         tokens[i, :len(row)] = row

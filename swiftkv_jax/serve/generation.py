@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Sequence
 from ..engine import Engine
 from ..handle import FinishReason, RequestHandle
 from ..request import GenerateError, SamplingOptions
-from .detokenizer import IncrementalDetokenizer, StopStrings
+from ..detokenizer import IncrementalDetokenizer, StopStrings
 from .metrics import Metrics
 from .protocol import APIError
 

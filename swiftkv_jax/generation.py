@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from .steps import (DEFAULT_CHUNK_SIZE, MIN_CHUNK, chunk_bucket, decode, first_t
                     namespace_of, prefill, request_keys, to_host)
 
 MIN_BUCKET = MIN_CHUNK  # the smallest prefill chunk (and auto-sized cache)
+STREAM_TOKENS = 8  # decode steps per XLA loop when a streamer receives the tokens
 
 
 def prefill_bucket(length: int, max_length: int) -> int:
@@ -106,7 +107,8 @@ def _admit(cache: KVCache, req: Request, namespace: jax.Array) -> tuple[KVCache,
 
 def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_ids: Sequence[int] | None = None, timings: dict[str, float] | None = None):
+             stop_ids: Sequence[int] | None = None, timings: dict[str, float] | None = None,
+             streamer: Callable[[list[list[int]]], None] | None = None):
     """Generates a continuation of `prompt` (token ids, or a batch of lists of different lengths;
     a tokenizer's output with `input_ids` is read as its ids).
 
@@ -117,7 +119,9 @@ def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: i
     Pass the returned cache to the next call: a prompt that begins like an earlier prompt or
     answer reuses its cached blocks instead of recomputing them (see cache.stats()).
     A `timings` dict, if given, receives prefill_s (time to first logits, including the prefix
-    lookup), cached_tokens and decode_s.
+    lookup), cached_tokens and decode_s. A `streamer`, if given, is called with each row's new
+    tokens (a list per row) as they are made: the first token after prefill, then every
+    STREAM_TOKENS (the decode then runs as XLA loops of that many steps; same tokens).
     """
     if not isinstance(params, Params):
         raise GenerateError("params must be swiftkv_jax Params (from swiftkv_jax.load or init_params)")
@@ -144,19 +148,30 @@ def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: i
         timings["prefill_s"] = time.perf_counter() - t0
         timings["cached_tokens"] = int(hit.sum())
         t0 = time.perf_counter()
-    stop_arr = np.tile(options.stop_row(), (cache.batch_size, 1))
+    stop_arr = jnp.asarray(np.tile(options.stop_row(), (cache.batch_size, 1)))
     stopped = np.isin(first, stop)
     budget = np.where((req.lengths > 0) & ~stopped, int(max_new_tokens), 0).astype(np.int32)
     ids = [[] if stopped[i] else [int(first[i])] for i in range(len(req.rows))]
-    if int(max_new_tokens) > 1 and budget.any():
-        produced = jnp.ones((cache.batch_size,), jnp.int32)  # the first token, from prefill
-        result, cache = decode(params, cache, None, jnp.asarray(first), produced, jnp.asarray(budget),
-                               sampling, keys, jnp.asarray(stop_arr),
-                               jnp.int32(int(max_new_tokens) - 1), out_len=cache.max_length)
-        out, counts = to_host(result.out), to_host(result.counts)
-        for i in range(len(req.rows)):
-            if budget[i]:
-                ids[i] += out[i, :counts[i] - 1].tolist()
+    if streamer is not None:
+        streamer([list(row) for row in ids])
+    # Each decode call runs up to `steps` tokens per row in one while_loop: all of them at once,
+    # or STREAM_TOKENS at a time for a streamer (rows that ended get no budget for the next call).
+    steps = STREAM_TOKENS if streamer is not None else int(max_new_tokens) - 1
+    out_len = STREAM_TOKENS if streamer is not None else cache.max_length
+    token, produced = jnp.asarray(first), np.ones((cache.batch_size,), np.int32)  # token 0: prefill's
+    while int(max_new_tokens) > 1 and budget.any():
+        result, cache = decode(params, cache, None, token, jnp.asarray(produced), jnp.asarray(budget),
+                               sampling, keys, stop_arr, jnp.int32(steps), out_len=out_len)
+        out, counts, done = to_host(result.out), to_host(result.counts), to_host(result.done)
+        new = [out[i, :counts[i] - produced[i]].tolist() if budget[i] else []
+               for i in range(len(req.rows))]
+        for i, row in enumerate(new):
+            ids[i] += row
+        if streamer is not None:
+            streamer(new)
+        if streamer is None:  # one loop ran every step the budget allows
+            break
+        token, produced, budget = result.token, counts, np.where(done, 0, budget).astype(np.int32)
     if timings is not None:
         timings["decode_s"] = time.perf_counter() - t0
     # Register the rows' full blocks (prompt and answer) so later requests can reuse them.
