@@ -35,7 +35,7 @@ import swiftkv_jax as sk  # noqa: E402
 from common import RESULTS_DIR, CpuShare, cpu_name, log, matmul_flops, read_bandwidth  # noqa: E402
 from swiftkv_jax.compile_cache import enable_compilation_cache  # noqa: E402
 from swiftkv_jax.engine import Engine  # noqa: E402
-from swiftkv_jax.generate import decode, first_tokens, prefill  # noqa: E402
+from swiftkv_jax.generation import decode, first_tokens, prefill  # noqa: E402
 from swiftkv_jax.request import MAX_STOP_IDS, SamplingOptions  # noqa: E402
 from swiftkv_jax.sampling import SamplingParams  # noqa: E402
 from swiftkv_jax.steps import MIN_CHUNK, request_keys  # noqa: E402

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import swiftkv_jax as sk
-from swiftkv_jax.generate import decode, prefill, prefill_chunked
+from swiftkv_jax.generation import decode, prefill, prefill_chunked
 from swiftkv_jax.request import MAX_STOP_IDS
 from swiftkv_jax.steps import request_keys
 from swiftkv_jax.sampling import SamplingParams
@@ -113,6 +113,36 @@ def matmul_flops(dtype: Any, n: int = 4096, repeats: int = 5) -> float:
     mm = jax.jit(jnp.matmul)
     t = time_calls(lambda: timed(lambda: mm(a, b).block_until_ready()), repeats)
     return 2 * n ** 3 / t.best
+
+
+def model_matmuls(params: sk.Params, rows: int, head_rows: int, repeats: int = 3) -> tuple[float, float]:
+    """(seconds, FLOP/s) of the model's own matmuls alone: every layer's q/k/v/o and gate/up/down
+    on a [rows, D] input, chained so nothing is skipped, and the LM head on `head_rows` of them
+    (no attention, norms, RoPE or cache). What XLA's dot reaches on exactly these shapes: the
+    ceiling a prefill (rows = prompt length, head_rows 1) or a decode step (rows = head_rows =
+    batch) is measured against."""
+    cfg = params.config
+    flat = lambda w: w.reshape(-1, w.shape[-1]) if w.ndim == 3 and w.shape[-1] == cfg.hidden_size \
+        else w.reshape(w.shape[0], -1)
+    layers = [[flat(layer[n]) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+              + [layer["mlp"][n] for n in ("gate_proj", "up_proj", "down_proj")]
+              for layer in params.weights["layers"]]
+    tied = "lm_head" not in params.weights
+    head = params.weights["embed_tokens"] if tied else params.weights["lm_head"]
+
+    @jax.jit
+    def chain(x: jax.Array, layers: list[list[jax.Array]], head: jax.Array) -> jax.Array:
+        for q, k, v, o, gate, up, down in layers:
+            side = jnp.sum(x @ k) + jnp.sum(x @ v)
+            x = x + (x @ q) @ o + (jax.nn.silu(x @ gate) * (x @ up)) @ down + 1e-9 * side
+        last = x[-head_rows:]  # the head as the model applies it (a transpose would copy it)
+        return jnp.einsum("td,vd->tv", last, head) if tied else last @ head
+
+    x = jnp.full((rows, cfg.hidden_size), 0.01, params.dtype)
+    t = time_calls(lambda: timed(lambda: chain(x, layers, head).block_until_ready()), repeats)
+    flops = 2 * rows * sum(w.shape[0] * w.shape[1] for layer in layers for w in layer) \
+        + 2 * head_rows * head.size
+    return t.best, flops / t.best
 
 
 def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
