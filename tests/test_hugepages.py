@@ -56,3 +56,16 @@ def test_module_entry_point_survives_the_reexecution():
     out = subprocess.run([sys.executable, "-m", "swiftkv_jax.cli", "serve", "--help"], capture_output=True,
                          text=True, timeout=120, env=env)
     assert out.returncode == 0 and "--port" in out.stdout, out.stderr
+
+
+def test_the_command_line_starts_without_jax():
+    """The console script imports `swiftkv_jax.cli` before it re-executes itself: neither that nor
+    `import swiftkv_jax` may import JAX (the public names load on first use), or every command
+    pays for JAX's import twice."""
+    code = ("import sys, swiftkv_jax, swiftkv_jax.cli\n"
+            "assert 'jax' not in sys.modules, 'jax imported'\n"
+            "assert callable(swiftkv_jax.generate) and 'jax' in sys.modules\n"
+            "import swiftkv_jax.generation\n"
+            "assert callable(swiftkv_jax.generate), 'the module shadows the function'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
