@@ -88,7 +88,7 @@ class Servers:
     def swiftkv(self, model: Path, label: str, *flags: str) -> ServerProcess:
         a = self.args
         log(f"starting swiftkv-jax serve ({label}) ...")
-        extra = ("--no-warmup",) if a.quick else ()
+        extra = ("--no-warmup",) if a.quick else ("--warmup", "first")  # no compile inside a figure
         return ServerProcess.swiftkv(model, "--served-model-name", MODEL_NAME, "--max-slots", str(a.max_slots),
                                      "--max-length", "2048", "--chunk-size", str(a.chunk_size),
                                      "--log-level", "warning", *extra, *flags,

@@ -166,10 +166,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = sk.Engine(params, max_slots=args.max_slots, max_length=args.max_length,
                        chunk_size=args.chunk_size, pool_bytes=args.pool_bytes,
                        prefix_cache=not args.no_prefix_cache)
-    if not args.no_warmup:
-        print("compiling the engine's steps (once; later starts read the compilation cache) ...",
-              file=sys.stderr, flush=True)
-        print(f"warm-up took {engine.warmup():.1f} s", file=sys.stderr, flush=True)
+    def warm_up() -> None:
+        print(f"warm-up (every step shape compiled, or read from the compilation cache) took "
+              f"{engine.warmup():.1f} s", file=sys.stderr, flush=True)
+
+    if args.warmup == "first":
+        print("compiling the engine's steps before listening ...", file=sys.stderr, flush=True)
+        warm_up()
+    elif args.warmup == "background":  # requests are served meanwhile; warm-up yields to them
+        threading.Thread(target=warm_up, name="swiftkv-warmup", daemon=True).start()
     name = args.served_model_name or (Path(args.model).stem if args.model else "SmolLM2-135M-Instruct")
     serve(engine, tokenizer, model_name=name, host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get("SWIFTKV_JAX_API_KEY"), max_queue=args.max_queue,
@@ -470,8 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger bodies get 413")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="on SIGTERM, seconds running requests get to finish before they are cancelled")
-    srv.add_argument("--no-warmup", action="store_true",
-                     help="skip compiling every step shape up front (the first requests compile them)")
+    srv.add_argument("--warmup", choices=("background", "first", "none"), default="background",
+                     help="compile every step shape on a background thread while requests are already "
+                          "served (default: ready in seconds), all of them before listening (first: no "
+                          "request ever waits for a compile; benchmarks), or never (none: each shape "
+                          "compiles when a request first needs it)")
+    srv.add_argument("--no-warmup", dest="warmup", action="store_const", const="none",
+                     help="the same as --warmup none")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     srv.add_argument("--dtype", choices=DTYPES, default="auto",
                      help="auto: float32 on CPU, bfloat16 on GPU/TPU")

@@ -389,6 +389,8 @@ class Engine:
         for compile_one in self._warmup_programs():
             while self.running and self._scheduler.has_work():
                 time.sleep(0.02)
+            if self._stopping:  # the engine is shutting down: the rest is not needed
+                break
             with self._step_lock:
                 compile_one()
         jax.block_until_ready(self.cache)
