@@ -27,6 +27,7 @@ from .attention import attend, attend_paged
 LayerKV = tuple[jax.Array, jax.Array]
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ChunkView:
     """Keys and values [K, B, S, h] as arrays, key j of row b at position `positions[b, j]`."""
@@ -40,6 +41,7 @@ class ChunkView:
         return attend(q, self.k, self.v, q_pos, self.positions)
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedView:
     """The rows of a paged cache layer: pools [K, slots, h] and each row's blocks in order."""
@@ -47,7 +49,7 @@ class PagedView:
     k_pool: jax.Array
     v_pool: jax.Array
     block_table: jax.Array
-    block_size: int
+    block_size: int = dataclasses.field(metadata=dict(static=True))
 
     def attend(self, q: jax.Array, q_pos: jax.Array) -> jax.Array:
         """Causal attention of q [B, T, H, h] over each row's keys up to its query positions."""
@@ -94,6 +96,7 @@ def _scatter(state: LayerKV, write_slots: jax.Array, k: jax.Array, v: jax.Array)
     return put(state[0], k), put(state[1], v)
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PackedView:
     """Rows of several batches, packed on one token axis, over the same pools: segment i is
@@ -102,8 +105,8 @@ class PackedView:
     k_pool: jax.Array
     v_pool: jax.Array
     tables: tuple[jax.Array, ...]
-    shapes: tuple[tuple[int, int], ...]
-    block_size: int
+    shapes: tuple[tuple[int, int], ...] = dataclasses.field(metadata=dict(static=True))
+    block_size: int = dataclasses.field(metadata=dict(static=True))
 
     def attend(self, q: jax.Array, q_pos: jax.Array) -> jax.Array:
         """Causal attention of q [1, N, H, h] at q_pos [1, N], each segment over its own rows."""

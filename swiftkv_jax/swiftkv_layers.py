@@ -11,6 +11,8 @@ Layers l >= L take their keys and values from one place, `s = norm_swiftkv(h_L)`
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -30,9 +32,11 @@ def group_kv(w: Weights, config: ModelConfig, h_l: jax.Array, rope: Rope
     return jax.vmap(lambda kg: apply_rope(kg, rope))(k), v
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def swiftkv_layer(w: Weights, config: ModelConfig, h: jax.Array, q_pos: jax.Array, rope: Rope,
                   kv: KVView) -> jax.Array:
-    """A layer >= L: its own SwiftKV queries over its group's keys and values."""
+    """A layer >= L: its own SwiftKV queries over its group's keys and values. Jitted, as
+    layers.decoder_layer, so the upper layers are traced once."""
     q = apply_rope(project(attention_input(w, config, h), w["q_proj_swiftkv"]), rope)
     return finish_layer(w, config, h, q, kv, q_pos)
 
