@@ -1,5 +1,6 @@
-"""The KV pools are updated in place: no step program copies a pool (a copy costs the whole
-pool's bytes per layer per step, so a step's time would grow with the pool, not with the work)."""
+"""The step programs' structure: the KV pools are updated in place (a pool copy costs the whole
+pool's bytes per layer per step, so a step's time would grow with the pool, not with the work),
+and each kind of layer is traced once per program (start-up)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,31 @@ def test_the_mixed_step_never_copies_the_pool():
                        jnp.zeros((1 + r, 2), jnp.uint32), jnp.full((r, MAX_STOP_IDS), -1, jnp.int32)
                        ).compile().as_text()
     assert pool_copies(step, cache.k[0]) == 0
+
+
+def _layer_calls(jaxpr, found: dict[str, list[int]]) -> dict[str, list[int]]:
+    """{jitted function name: [id of its traced jaxpr, one per call]} over a jaxpr and every
+    jaxpr nested in it (loops, conditions, inner jits)."""
+    for eqn in jaxpr.eqns:
+        name = eqn.params.get("name")
+        if name in ("decoder_layer", "swiftkv_layer"):
+            found.setdefault(name, []).append(id(eqn.params["jaxpr"].jaxpr))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _layer_calls(inner, found)
+    return found
+
+
+def test_each_kind_of_layer_is_traced_once_per_program():
+    """Start-up: a program's 30 layers are one traced function called 30 times (XLA inlines the
+    calls), not 30 traces; plain layers and SwiftKV upper layers one each."""
+    cfg = sk.ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=6,
+                         num_heads=4, num_kv_heads=2, head_dim=8, num_key_value_layers=3)
+    params = sk.init_params(cfg, jax.random.PRNGKey(0))
+    cache = sk.init_cache(params, 2, 64)
+    traced = prefill.trace(params, cache, jnp.ones((2, 16), jnp.int32), jnp.full((2,), 16, jnp.int32))
+    calls = _layer_calls(traced.jaxpr.jaxpr, {})
+    assert {name: (len(ids), len(set(ids))) for name, ids in calls.items()} == \
+        {"decoder_layer": (3, 1), "swiftkv_layer": (3, 1)}
