@@ -25,17 +25,24 @@ CACHE_VERSION = 1  # bump when what load_gguf builds (layout, names, config fiel
 WEIGHTS_FILE = "weights.safetensors"
 
 
-def weights_cache_dir() -> Path:
-    """$SWIFTKV_JAX_WEIGHTS_CACHE, default ~/.cache/swiftkv-jax/weights."""
-    default = Path.home() / ".cache" / "swiftkv-jax" / "weights"
-    return Path(os.environ.get("SWIFTKV_JAX_WEIGHTS_CACHE", default))
+def weights_cache_dir() -> Path | None:
+    """$SWIFTKV_JAX_WEIGHTS_CACHE, default ~/.cache/swiftkv-jax/weights; None (no cache) when it
+    is set to "off" or to nothing."""
+    setting = os.environ.get("SWIFTKV_JAX_WEIGHTS_CACHE")
+    if setting is None:
+        return Path.home() / ".cache" / "swiftkv-jax" / "weights"
+    return None if setting.strip().lower() in ("", "off", "0", "none") else Path(setting)
 
 
-def cache_folder(path: Path) -> Path:
-    """Where the converted weights of GGUF file `path` live; changes whenever the file does."""
+def cache_folder(path: Path) -> Path | None:
+    """Where the converted weights of GGUF file `path` live (None: no cache); changes whenever
+    the file does."""
+    root = weights_cache_dir()
+    if root is None:
+        return None
     st = path.stat()
     ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CACHE_VERSION}"
-    return weights_cache_dir() / f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+    return root / f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
 def _key(path: tuple[Any, ...]) -> str:
@@ -76,6 +83,8 @@ def cached_gguf_params(path: Path, dtype: Any, progress: bool = True) -> Params:
     """load_gguf(path, dtype), converted once per file and read back from the cache afterwards."""
     from .gguf_io import load_gguf
     folder = cache_folder(path)
+    if folder is None:
+        return load_gguf(path, dtype, progress)
     if (folder / WEIGHTS_FILE).exists():
         try:
             return load_converted(folder, dtype)

@@ -14,15 +14,18 @@ from gguf_writer import write_gguf
 @pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                                    gguf.GGMLQuantizationType.Q8_0])
 @pytest.mark.parametrize("kv_heads,tied", [(2, True), (1, False)])
-@pytest.mark.parametrize("source", ["converted", "cached"])
+@pytest.mark.parametrize("source", ["converted", "cached", "no cache"])
 def test_gguf_matches_transformers_gguf_loader(tmp_path, monkeypatch, source, qtype, kv_heads, tied):
-    """Loaded from the file, and again from the dequantised copy the first load kept."""
-    monkeypatch.setenv("SWIFTKV_JAX_WEIGHTS_CACHE", str(tmp_path / "weights"))
+    """Loaded from the file, again from the dequantised copy the first load kept, and with the
+    cache turned off (nothing kept)."""
+    cache = tmp_path / "weights"
+    monkeypatch.setenv("SWIFTKV_JAX_WEIGHTS_CACHE", "off" if source == "no cache" else str(cache))
     torch_model = make_hf_llama(tmp_path / "hf", num_key_value_heads=kv_heads, tie_word_embeddings=tied,
                                 hidden_size=64, intermediate_size=64)
     path = write_gguf(torch_model, tmp_path / "tiny.gguf", qtype)
     params, _ = sk.load(path, progress=False, tokenizer=False)
-    assert len(list((tmp_path / "weights").iterdir())) == 1  # the converted copy was kept
+    kept = list(cache.iterdir()) if cache.exists() else []
+    assert len(kept) == (0 if source == "no cache" else 1)  # the converted copy was kept, or not
     if source == "cached":
         params, _ = sk.load(path, progress=False, tokenizer=False)
     assert params.config.num_kv_heads == kv_heads and params.config.tie_word_embeddings == tied
