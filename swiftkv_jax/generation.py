@@ -162,15 +162,15 @@ def generate(params: Params, cache: KVCache | None, prompt, *, max_new_tokens: i
     while int(max_new_tokens) > 1 and budget.any():
         result, cache = decode(params, cache, None, token, jnp.asarray(produced), jnp.asarray(budget),
                                sampling, keys, stop_arr, jnp.int32(steps), out_len=out_len)
-        out, counts, done = to_host(result.out), to_host(result.counts), to_host(result.done)
+        out, counts = to_host(result.out), to_host(result.counts)
         new = [out[i, :counts[i] - produced[i]].tolist() if budget[i] else []
                for i in range(len(req.rows))]
         for i, row in enumerate(new):
             ids[i] += row
-        if streamer is not None:
-            streamer(new)
         if streamer is None:  # one loop ran every step the budget allows
             break
+        streamer(new)
+        done = to_host(result.done)
         token, produced, budget = result.token, counts, np.where(done, 0, budget).astype(np.int32)
     if timings is not None:
         timings["decode_s"] = time.perf_counter() - t0
