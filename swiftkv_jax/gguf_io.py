@@ -128,14 +128,19 @@ def tokenizer_cache_dir() -> Path:
     return Path(os.environ.get("SWIFTKV_JAX_TOKENIZER_CACHE", default))
 
 
-def _cache_key(path: Path) -> str:
-    """Changes with the file (path, size, mtime), transformers' version and our converter's."""
+def file_cache_key(path: Path, *versions: object) -> str:
+    """A cache entry's name for what was converted from file `path`: changes with the file (path,
+    size, mtime) and with each of `versions` (the converters' and libraries' versions)."""
     import hashlib
-
-    import transformers
     st = path.stat()
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|{TOKENIZER_CACHE_VERSION}"
+    ident = "|".join(map(str, (path.resolve(), st.st_size, st.st_mtime_ns, *versions)))
     return f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
+def _cache_key(path: Path) -> str:
+    """Changes with the file, transformers' version and our converter's."""
+    import transformers
+    return file_cache_key(path, transformers.__version__, TOKENIZER_CACHE_VERSION)
 
 
 def cached_gguf_tokenizer(path: str | Path) -> Any:

@@ -8,7 +8,6 @@ cache is a convenience: when it cannot be read or written, the GGUF is converted
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -40,9 +39,8 @@ def cache_folder(path: Path) -> Path | None:
     root = weights_cache_dir()
     if root is None:
         return None
-    st = path.stat()
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CACHE_VERSION}"
-    return root / f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+    from .gguf_io import file_cache_key
+    return root / file_cache_key(path, CACHE_VERSION)
 
 
 def _key(path: tuple[Any, ...]) -> str:
