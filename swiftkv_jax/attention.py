@@ -14,6 +14,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from . import cpu_kernels
+
 F32 = jnp.float32
 NEG_INF = float(jnp.finfo(F32).min)  # masked scores; finite so fully masked rows stay NaN-free
 
@@ -140,9 +142,15 @@ def attend_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table
     A while_loop over key tiles gathers each tile's blocks from the pool and stops after the
     tile holding the last query position, so nothing past what the rows hold is read (gathering
     whole rows first cost a decode step ~40% of its time at 8 rows x 1.1k of 2048 tokens). Not
-    differentiable (the trip count is data-dependent); training never runs on a cache.
+    differentiable (the trip count is data-dependent); training never runs on a cache. Decode
+    steps (few queries, float32) on a CPU run cpu_kernels' native kernel instead, when it builds.
     """
     b, t, h, d = q.shape
+    if tile is None and t < MIN_TILED_QUERIES and q.dtype == k_pool.dtype == v_pool.dtype == F32:
+        target = cpu_kernels.paged_attention_target()
+        if target is not None:  # decode on CPU: read the keys in place instead of gathering them
+            return cpu_kernels.paged_attention(target, q, k_pool, v_pool, block_table, q_pos,
+                                               block_size)
     kvh = k_pool.shape[0]
     tile = tile or (DECODE_TILE if t < MIN_TILED_QUERIES else ATTENTION_TILE)
     per_tile = max(1, tile // block_size)

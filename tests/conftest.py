@@ -22,6 +22,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # notebooks' kernels and the CLI subprocesses), not in the user's ~/.cache.
 os.environ.setdefault("SWIFTKV_JAX_TOKENIZER_CACHE", str(CACHE_DIR / "tokenizers"))
 os.environ.setdefault("SWIFTKV_JAX_WEIGHTS_CACHE", str(CACHE_DIR / "weights"))  # GGUFs dequantised once
+os.environ.setdefault("SWIFTKV_JAX_KERNEL_CACHE", str(CACHE_DIR / "kernels"))  # CPU kernels built once
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
