@@ -43,8 +43,11 @@ struct Problem {
 struct Scratch {
   std::vector<float> q, scores, acc;
   std::vector<int32_t> limit;
-  std::vector<int64_t> slots;
+  std::vector<int64_t> slots, seen;
+  std::vector<float> sums;
 };
+
+constexpr int64_t kValueTile = 256;  // keys whose values are reused across a pair's queries
 
 inline float Dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
@@ -120,12 +123,12 @@ void Scores(const float* q, int64_t Q, const float* keys, const int64_t* slots, 
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// out[0 : 8M] = sum_j weights[j] * values[slots[j]][0 : 8M]: the sums stay in M registers.
+// out[0 : 8M] += sum_j weights[j] * values[slots[j]][0 : 8M]: the sums stay in M registers.
 template <int M>
 void WeightedColumns(const float* weights, const float* values, const int64_t* slots, int64_t n,
                      int64_t D, float* out) {
   __m256 acc[M];
-  for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
+  for (int r = 0; r < M; ++r) acc[r] = _mm256_loadu_ps(out + 8 * r);
   for (int64_t j = 0; j < n; ++j) {
     const __m256 w = _mm256_broadcast_ss(weights + j);
     const float* v = values + slots[j] * D;
@@ -135,7 +138,7 @@ void WeightedColumns(const float* weights, const float* values, const int64_t* s
 }
 #endif
 
-// out [D] = sum_j weights[j] * value_j over the n values at rows slots[j] of values.
+// out [D] += sum_j weights[j] * value_j over the n values at rows slots[j] of values.
 void Weighted(const float* weights, const float* values, const int64_t* slots, int64_t n,
               int64_t D, float* out) {
 #if defined(__AVX2__) && defined(__FMA__)
@@ -156,7 +159,6 @@ void Weighted(const float* weights, const float* values, const int64_t* slots, i
     return;
   }
 #endif
-  std::fill(out, out + D, 0.f);
   for (int64_t j = 0; j < n; ++j) {
     const float w = weights[j];
     const float* value = values + slots[j] * D;
@@ -190,11 +192,13 @@ void AttendPair(const Problem& p, int64_t b, int64_t kh, Scratch& w) {
     const float* k_head = p.k_pool + kh * p.S * D;
     const float* v_head = p.v_pool + kh * p.S * D;
     Scores(w.q.data(), Q, k_head, w.slots.data(), n, D, w.scores.data());  // keys read once
-    // Each query: softmax over the keys at or before its position, then its weighted values.
+    // Each query's softmax over the keys at or before its position: weights in place, their sum.
+    w.seen.resize(Q);
+    w.sums.resize(Q);
     for (int64_t i = 0; i < Q; ++i) {
       float* s = &w.scores[i * n];
-      const int64_t seen = std::min<int64_t>(static_cast<int64_t>(w.limit[i]) + 1, n);
-      if (seen <= 0) continue;  // no query here: zeros out
+      const int64_t seen = std::max<int64_t>(
+          std::min<int64_t>(static_cast<int64_t>(w.limit[i]) + 1, n), 0);  // 0: no query, zeros out
       float m = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < seen; ++j) m = std::max(m, s[j]);
       float sum = 0.f;
@@ -203,8 +207,21 @@ void AttendPair(const Problem& p, int64_t b, int64_t kh, Scratch& w) {
         s[j] = ExpNonPositive(s[j] - m);
         sum += s[j];
       }
-      Weighted(s, v_head, w.slots.data(), seen, D, &w.acc[i * D]);
-      const float inv = 1.0f / sum;
+      w.seen[i] = seen;
+      w.sums[i] = sum;
+    }
+    // Weighted values a tile of keys at a time, so every query re-reads the tile from cache, not
+    // from memory (a 2k-token row's values per kv head outgrow a core's L2).
+    for (int64_t j0 = 0; j0 < n; j0 += kValueTile) {
+      for (int64_t i = 0; i < Q; ++i) {
+        const int64_t len = std::min<int64_t>(w.seen[i], j0 + kValueTile) - j0;
+        if (len > 0)
+          Weighted(&w.scores[i * n + j0], v_head, &w.slots[j0], len, D, &w.acc[i * D]);
+      }
+    }
+    for (int64_t i = 0; i < Q; ++i) {
+      if (w.seen[i] == 0) continue;
+      const float inv = 1.0f / w.sums[i];
       for (int64_t d = 0; d < D; ++d) w.acc[i * D + d] *= inv;
     }
   }
