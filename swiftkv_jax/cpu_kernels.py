@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -68,6 +69,8 @@ def _build(compiler: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
     os.close(fd)
+    print(f"swiftkv-jax: building the CPU decode-attention kernel (once per machine) into {folder}",
+          file=sys.stderr, flush=True)
     try:
         subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp],
                        check=True, capture_output=True, text=True)
