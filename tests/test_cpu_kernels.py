@@ -43,6 +43,9 @@ CASES = [  # rows, queries per row, heads, kv heads, head dim, block size, block
     dict(b=2, t=1, h=4, kvh=1, d=32, bs=4, nb=9),     # MQA
     dict(b=2, t=2, h=4, kvh=4, d=16, bs=16, nb=3),    # MHA
     dict(b=2, t=3, h=6, kvh=2, d=12, bs=4, nb=5),     # a head dim the vector path does not take
+    # Fewer (row, kv head) pairs than threads: each pair's keys split over threads, then merged;
+    # the query at 200 has no key in the later split, the one at -1 none at all.
+    dict(b=2, t=3, h=4, kvh=1, d=64, bs=16, nb=40, positions=[[-1, 200, 600], [98, 99, 100]]),
 ]
 
 
@@ -69,6 +72,8 @@ def test_kernel_matches_reference(target, case):
     q_pos = (last[:, None] - np.arange(t)[::-1][None, :]).astype(np.int32)
     if t > 1:
         q_pos[0, 0] = -1  # a padding query: no keys, zeros out
+    if "positions" in case:
+        q_pos = np.array(case["positions"], np.int32)
     got = cpu_kernels.paged_attention(target, *map(jnp.asarray, (q, k_pool, v_pool, table, q_pos)), bs)
     want = reference(q, k_pool, v_pool, table, q_pos, bs)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
