@@ -5,7 +5,7 @@ times what reading the keys once costs; `kernels/paged_attention.cc` reads them 
 compiled with the machine's C++ compiler (-march=native, against the XLA FFI headers that jaxlib
 ships) into $SWIFTKV_JAX_KERNEL_CACHE (default ~/.cache/swiftkv-jax/kernels), keyed by source,
 jaxlib, compiler and CPU, and loaded once per process. Without a compiler, or with
-SWIFTKV_JAX_CPU_KERNELS=off, callers get None and keep XLA's own path (the same results).
+SWIFTKV_JAX_CPU_KERNELS=off, callers get None and keep XLA's own path (equal to float32 rounding).
 """
 
 from __future__ import annotations
