@@ -45,9 +45,11 @@ def _load_with_tokenizer(args: argparse.Namespace, purpose: str, mesh: Any = Non
     """(params, tokenizer) of --model, with the compilation cache on; a model without a tokenizer
     is an error here (the Python API takes token ids)."""
     import swiftkv_jax as sk
+    from . import cpu_kernels
     from .compile_cache import enable_compilation_cache
 
     enable_compilation_cache()
+    cpu_kernels.paged_attention_target()  # built (once per machine) before any output, not mid-answer
     params, tokenizer = sk.load(args.model, dtype=_dtype(args.dtype), mesh=mesh)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; {purpose} needs one to read text (convert "
