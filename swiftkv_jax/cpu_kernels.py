@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 SOURCE = Path(__file__).resolve().parent / "kernels" / "paged_attention.cc"
@@ -110,7 +111,6 @@ def paged_attention_target() -> str | None:
 def paged_attention(target: str, q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
                     block_table: jax.Array, q_pos: jax.Array, block_size: int) -> jax.Array:
     """The kernel's call: same contract as attention.attend_paged for float32 q/pools."""
-    import jax.numpy as jnp
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, q.dtype))
     return call(q, k_pool, v_pool, block_table.astype(jnp.int32), q_pos.astype(jnp.int32),
                 block_size=np.int64(block_size))
