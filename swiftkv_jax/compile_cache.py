@@ -1,4 +1,5 @@
-"""JAX's persistent compilation cache, on for the command line, benchmarks and notebooks."""
+"""Where swiftkv-jax keeps what it computes once per user (`user_cache_dir`), and JAX's persistent
+compilation cache there, on for the command line, benchmarks and notebooks."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ import os
 from pathlib import Path
 
 
+def user_cache_dir(env: str, name: str) -> Path:
+    """$env when set (and not empty), else ~/.cache/swiftkv-jax/<name>."""
+    return Path(os.environ.get(env) or Path.home() / ".cache" / "swiftkv-jax" / name)
+
+
 def enable_compilation_cache(min_compile_time_s: float = 0.0) -> Path:
     """Compiled programs persist between runs (in $SWIFTKV_JAX_CACHE, default
     ~/.cache/swiftkv-jax/xla), so only the first run of a shape pays compilation. Returns the folder."""
     import jax
-    cache = Path(os.environ.get("SWIFTKV_JAX_CACHE", Path.home() / ".cache" / "swiftkv-jax" / "xla"))
+    cache = user_cache_dir("SWIFTKV_JAX_CACHE", "xla")
     jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
     return cache

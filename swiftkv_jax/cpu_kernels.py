@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .compile_cache import user_cache_dir
+
 SOURCE = Path(__file__).resolve().parent / "kernels" / "paged_attention.cc"
 PAGED_ATTENTION_TARGET = "swiftkv_paged_attention"
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -35,8 +37,7 @@ _registered = False
 
 def kernel_cache_dir() -> Path:
     """$SWIFTKV_JAX_KERNEL_CACHE, default ~/.cache/swiftkv-jax/kernels."""
-    setting = os.environ.get("SWIFTKV_JAX_KERNEL_CACHE")
-    return Path(setting) if setting else Path.home() / ".cache" / "swiftkv-jax" / "kernels"
+    return user_cache_dir("SWIFTKV_JAX_KERNEL_CACHE", "kernels")
 
 
 def kernels_enabled() -> bool:

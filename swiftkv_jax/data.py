@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import zlib
 from pathlib import Path
@@ -337,7 +336,8 @@ def model_fingerprint(params: Any) -> str:
 
 def default_data_dir() -> Path:
     """Where generated data is cached: $SWIFTKV_JAX_DATA or ~/.cache/swiftkv-jax/data."""
-    return Path(os.environ.get("SWIFTKV_JAX_DATA", Path.home() / ".cache" / "swiftkv-jax" / "data"))
+    from .compile_cache import user_cache_dir
+    return user_cache_dir("SWIFTKV_JAX_DATA", "data")
 
 
 def self_distillation_set(teacher: Any, tokenizer: Any, num_prompts: int = 480,

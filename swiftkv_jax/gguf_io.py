@@ -124,8 +124,8 @@ TOKENIZER_CACHE_VERSION = 1  # bump when tokenizer_from_gguf_metadata changes wh
 def tokenizer_cache_dir() -> Path:
     """Where tokenizers converted from GGUF files are kept ($SWIFTKV_JAX_TOKENIZER_CACHE, default
     ~/.cache/swiftkv-jax/tokenizers)."""
-    default = Path.home() / ".cache" / "swiftkv-jax" / "tokenizers"
-    return Path(os.environ.get("SWIFTKV_JAX_TOKENIZER_CACHE", default))
+    from .compile_cache import user_cache_dir
+    return user_cache_dir("SWIFTKV_JAX_TOKENIZER_CACHE", "tokenizers")
 
 
 def file_cache_key(path: Path, *versions: object) -> str:

@@ -27,10 +27,11 @@ WEIGHTS_FILE = "weights.safetensors"
 def weights_cache_dir() -> Path | None:
     """$SWIFTKV_JAX_WEIGHTS_CACHE, default ~/.cache/swiftkv-jax/weights; None (no cache) when it
     is set to "off" or to nothing."""
+    from .compile_cache import user_cache_dir
     setting = os.environ.get("SWIFTKV_JAX_WEIGHTS_CACHE")
-    if setting is None:
-        return Path.home() / ".cache" / "swiftkv-jax" / "weights"
-    return None if setting.strip().lower() in ("", "off", "0", "none") else Path(setting)
+    if setting is not None and setting.strip().lower() in ("", "off", "0", "none"):
+        return None
+    return user_cache_dir("SWIFTKV_JAX_WEIGHTS_CACHE", "weights")
 
 
 def cache_folder(path: Path) -> Path | None:

@@ -143,7 +143,7 @@ void WeightedColumns(const float* weights, const float* values, const int64_t* s
   __m256 acc[M];
   for (int r = 0; r < M; ++r) acc[r] = _mm256_loadu_ps(out + 8 * r);
   for (int64_t j = 0; j < n; ++j) {
-    if (j + kPrefetchKeys < n) Prefetch(values + slots[j + kPrefetchKeys] * D + 0, 8 * M);
+    if (j + kPrefetchKeys < n) Prefetch(values + slots[j + kPrefetchKeys] * D, 8 * M);
     const __m256 w = _mm256_broadcast_ss(weights + j);
     const float* v = values + slots[j] * D;
     for (int r = 0; r < M; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * r), acc[r]);
@@ -181,6 +181,11 @@ void Weighted(const float* weights, const float* values, const int64_t* slots, i
   }
 }
 
+// Where query head h of row b's query t starts in q and out [B, T, H, D].
+inline int64_t HeadOffset(const Problem& p, int64_t b, int64_t t, int64_t h) {
+  return ((b * p.T + t) * p.H + h) * p.D;
+}
+
 // The pair's keys to read: up to the largest query position of row b (within its table).
 int64_t KeysOfRow(const Problem& p, int64_t b) {
   int64_t n = 0;
@@ -201,7 +206,7 @@ void AttendRange(const Problem& p, int64_t b, int64_t kh, int64_t j0, int64_t j1
   for (int64_t t = 0; t < p.T; ++t) {
     for (int64_t g = 0; g < G; ++g) {
       const int64_t i = t * G + g;
-      const float* src = p.q + ((b * p.T + t) * p.H + kh * G + g) * D;
+      const float* src = p.q + HeadOffset(p, b, t, kh * G + g);
       for (int64_t d = 0; d < D; ++d) w.q[i * D + d] = src[d] * scale;
       w.limit[i] = p.q_pos[b * p.T + t];
     }
@@ -288,7 +293,7 @@ struct Work {
         }
         const float inv = sum > 0.f ? 1.0f / sum : 0.f;  // no key at all: zeros
         const int64_t t = i / G, g = i % G;
-        float* dst = p.out + ((b * p.T + t) * p.H + kh * G + g) * D;
+        float* dst = p.out + HeadOffset(p, b, t, kh * G + g);
         for (int64_t d = 0; d < D; ++d) dst[d] = out[d] * inv;
       }
     }
