@@ -13,7 +13,6 @@ prediction is supervised (all tokens, or with `assistant_only` the assistant's t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import re
@@ -326,14 +325,6 @@ def sharegpt_conversations(count: int, max_chars: int = 3000,
     return chats
 
 
-def model_fingerprint(params: Any) -> str:
-    """A short hash of a model's config and a slice of its weights: names a cache of its answers."""
-    h = hashlib.sha1(repr(params.config).encode())
-    h.update(np.asarray(params.weights["embed_tokens"][:4]).tobytes())
-    h.update(np.asarray(params.weights["layers"][-1]["mlp"]["down_proj"][:4]).tobytes())
-    return h.hexdigest()[:12]
-
-
 def default_data_dir() -> Path:
     """Where generated data is cached: $SWIFTKV_JAX_DATA or ~/.cache/swiftkv-jax/data."""
     from .compile_cache import user_cache_dir
@@ -362,7 +353,7 @@ def teacher_answers(teacher: Any, tokenizer: Any, prompts: Sequence[str], max_ne
     from .cache import init_cache
 
     settings = f"t{max_new_tokens}_T{temperature}_p{top_p}"
-    path = Path(cache_dir or default_data_dir()) / f"sharegpt_{model_fingerprint(teacher)}_{settings}.jsonl"
+    path = Path(cache_dir or default_data_dir()) / f"sharegpt_{teacher.fingerprint()}_{settings}.jsonl"
     done = {c["messages"][0]["content"]: c for c in (read_jsonl(path) if path.exists()
                                                     and path.stat().st_size else [])}
     todo = [p for p in dict.fromkeys(prompts) if p not in done]

@@ -14,6 +14,7 @@ function read the model's shape from `params` alone, and a new config means a ne
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Any, Iterator, Sequence
 
@@ -332,3 +333,12 @@ class Params:
     def nbytes(self) -> int:
         """Bytes of all weights: what batch-1 decode reads per token."""
         return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.weights)))
+
+    def fingerprint(self, dtype: Any = None) -> str:
+        """A short hash of the config and a slice of two weights (first and last layer's): names
+        a cache of this model's outputs, or checks a base model. With `dtype` the slices are
+        rounded to it first, so e.g. float32 and bfloat16 loads of one model hash alike."""
+        h = hashlib.sha1(repr(self.config).encode())
+        for x in (self.weights["embed_tokens"][:4], self.weights["layers"][-1]["mlp"]["down_proj"][:4]):
+            h.update(np.asarray(x if dtype is None else jnp.asarray(x, dtype)).tobytes())
+        return h.hexdigest()[:12]

@@ -9,7 +9,6 @@ the tensors, so SwiftKV weights are never merged into a base they were not train
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +32,6 @@ def names() -> list[str]:
     return sorted(p.name for p in MODELS_DIR.iterdir() if (p / TENSORS_FILE).is_file())
 
 
-def base_fingerprint(params: Params) -> str:
-    """A short hash of a plain model's config and a slice of its weights, rounded to bfloat16 so
-    the same base loaded in float32 or bfloat16 has one fingerprint."""
-    h = hashlib.sha1(repr(params.config).encode())
-    for x in (params.weights["embed_tokens"][:4], params.weights["layers"][-1]["mlp"]["down_proj"][:4]):
-        h.update(np.asarray(jnp.asarray(x, jnp.bfloat16)).tobytes())
-    return h.hexdigest()[:12]
-
-
 def save_swiftkv_tensors(params: Params, folder: str | Path) -> Path:
     """Writes the SwiftKV tensors of `params` (float16) to `folder`/swiftkv.safetensors, with
     L, g and the fingerprint of its base model (`swiftkv_off(params)`) as metadata; written to a
@@ -59,7 +49,7 @@ def save_swiftkv_tensors(params: Params, folder: str | Path) -> Path:
            for name, x in params_to_tensors(params) if name in wanted}
     meta = {"num_key_value_layers": str(cfg.num_key_value_layers),
             "key_value_group_size": str(cfg.key_value_group_size),
-            "base_fingerprint": base_fingerprint(swiftkv_off(params))}
+            "base_fingerprint": swiftkv_off(params).fingerprint(jnp.bfloat16)}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (TENSORS_FILE + ".tmp")
@@ -101,7 +91,7 @@ def load_shipped(name: str, base: Params) -> Params:
     meta = read_metadata(name)
     if base.config.swiftkv:
         raise ShippedModelError(f"{name} goes on top of a plain model; this one is already SwiftKV")
-    found = base_fingerprint(base)
+    found = base.fingerprint(jnp.bfloat16)
     if found != meta["base_fingerprint"]:
         raise ShippedModelError(
             f"{name} was trained on a base model with fingerprint {meta['base_fingerprint']}, but the "
