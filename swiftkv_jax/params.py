@@ -335,7 +335,7 @@ class Params:
         return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.weights)))
 
     def fingerprint(self, dtype: Any = None) -> str:
-        """A short hash of the config and a slice of two weights (first and last layer's): names
+        """A short hash of the config and slices of the embedding and the last down_proj: names
         a cache of this model's outputs, or checks a base model. With `dtype` the slices are
         rounded to it first, so e.g. float32 and bfloat16 loads of one model hash alike."""
         h = hashlib.sha1(repr(self.config).encode())
