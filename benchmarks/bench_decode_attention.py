@@ -21,8 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CpuShare, cpu_name, read_bandwidth, time_calls, timed  # noqa: E402
-from swiftkv_jax import cpu_kernels  # noqa: E402
-from swiftkv_jax.attention import DECODE_TILE, attend_paged  # noqa: E402
+
+from swiftkv_jax.kernels import cpu as cpu_kernels  # noqa: E402
+from swiftkv_jax.model.attention import DECODE_TILE, attend_paged  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS = 9, 3, 64, 16, 30
 

@@ -31,14 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import swiftkv_jax as sk  # noqa: E402
 from common import RESULTS_DIR, CpuShare, cpu_name, log, matmul_flops, read_bandwidth  # noqa: E402
+
+import swiftkv_jax as sk  # noqa: E402
 from swiftkv_jax.compile_cache import enable_compilation_cache  # noqa: E402
-from swiftkv_jax.engine import Engine  # noqa: E402
-from swiftkv_jax.generation import decode, first_tokens, prefill  # noqa: E402
-from swiftkv_jax.request import MAX_STOP_IDS, SamplingOptions  # noqa: E402
-from swiftkv_jax.sampling import SamplingParams  # noqa: E402
-from swiftkv_jax.steps import MIN_CHUNK, request_keys  # noqa: E402
+from swiftkv_jax.runtime.engine import Engine  # noqa: E402
+from swiftkv_jax.runtime.generation import decode, first_tokens, prefill  # noqa: E402
+from swiftkv_jax.runtime.request import MAX_STOP_IDS, SamplingOptions  # noqa: E402
+from swiftkv_jax.runtime.sampling import SamplingParams  # noqa: E402
+from swiftkv_jax.runtime.shapes import MIN_CHUNK  # noqa: E402
+from swiftkv_jax.runtime.steps import request_keys  # noqa: E402
 
 FLOOR_SWIFTKV_THROUGHPUT = 1.5  # (a): engine SwiftKV L=15 vs off, total tokens/s
 FLOOR_SINGLE_DECODE = 0.9  # (b): engine decode tokens/s vs generate()
@@ -149,8 +151,8 @@ def case_single(params: sk.Params, args) -> dict[str, Any]:
 
 
 def case_prefix(params: sk.Params, tokenizer: Any, args) -> dict[str, Any]:
-    from swiftkv_jax import data
-    from swiftkv_jax.tokenization import encode_prompt
+    from swiftkv_jax.text.tokenization import encode_prompt
+    from swiftkv_jax.train import data
     questions = data.sharegpt_prompts(args.sharegpt)
     work = [(encode_prompt(tokenizer, q, system=SYSTEM_PROMPT)[:args.prompt_max], 32) for q in questions]
     system_tokens = len(encode_prompt(tokenizer, "", system=SYSTEM_PROMPT))

@@ -40,10 +40,22 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    DECODE_PROMPT_LEN,
+    RESULTS_DIR,
+    CpuShare,
+    hf_decode,
+    hf_prefill,
+    log,
+    matmul_flops,
+    model_matmuls,
+    ours_decode,
+    ours_prefill,
+    random_prompts,
+    read_bandwidth,
+)
+
 import swiftkv_jax as sk  # noqa: E402
-from common import (DECODE_PROMPT_LEN, RESULTS_DIR, CpuShare, hf_decode, hf_prefill, log,  # noqa: E402
-                    matmul_flops, model_matmuls, ours_decode, ours_prefill, random_prompts,
-                    read_bandwidth)
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 # Floors this benchmark checks (issue 14; see check_floors).

@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import swiftkv_jax as sk  # noqa: E402
 from common import RESULTS_DIR, CpuShare, emptied, log  # noqa: E402
-from swiftkv_jax.generation import prefill_chunked  # noqa: E402
+
+import swiftkv_jax as sk  # noqa: E402
+from swiftkv_jax.runtime.generation import prefill_chunked  # noqa: E402
 
 FLOOR_SHARED_SPEEDUP = 5.0
 FLOOR_OVERHEAD = 0.05

@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import swiftkv_jax as sk  # noqa: E402
 from common import RESULTS_DIR  # noqa: E402
-from swiftkv_jax import data  # noqa: E402
+
+import swiftkv_jax as sk  # noqa: E402
 from swiftkv_jax.compile_cache import enable_compilation_cache  # noqa: E402
+from swiftkv_jax.train import data  # noqa: E402
 
 SETTINGS = {"greedy": dict(temperature=0.0), "temperature 0.7": dict(temperature=0.7),
             "top-p 0.9": dict(temperature=0.7, top_p=0.9), "top-k 50": dict(temperature=0.7, top_k=50)}

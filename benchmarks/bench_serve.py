@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import SYSTEM_PROMPT  # noqa: E402
 from common import RESULTS_DIR, CpuShare, cpu_name, log  # noqa: E402
 from load import Request, run_load  # noqa: E402
-from swiftkv_jax import data  # noqa: E402
-from swiftkv_jax.loading import default_model_path, load_tokenizer  # noqa: E402
+
+from swiftkv_jax.io.loading import default_model_path, load_tokenizer  # noqa: E402
 from swiftkv_jax.serve.process import ServerProcess, free_port  # noqa: E402
+from swiftkv_jax.train import data  # noqa: E402
 
 FLOOR_SWIFTKV = 1.5  # (a): SwiftKV L15 vs off, total tokens/s at 8 clients
 MODEL_NAME = "smollm2"

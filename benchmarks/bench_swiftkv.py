@@ -20,9 +20,9 @@ from typing import Any
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, CpuShare, log, matmul_flops, ours_decode, ours_prefill, read_bandwidth  # noqa: E402
+
 import swiftkv_jax as sk  # noqa: E402
-from common import (RESULTS_DIR, CpuShare, log, matmul_flops, ours_decode, ours_prefill,  # noqa: E402
-                    read_bandwidth)
 
 FLOOR_PREFILL_SPEEDUP = 1.7  # at 1024 and 2048 tokens
 FLOOR_DECODE_RATIO = 0.9  # SwiftKV decode within 10% of SwiftKV off

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import swiftkv_jax as sk  # noqa: E402
 from common import RESULTS_DIR, time_calls, timed  # noqa: E402
+
+import swiftkv_jax as sk  # noqa: E402
 
 ROWS = (1, 8, 512)
 NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

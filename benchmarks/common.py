@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import swiftkv_jax as sk
-from swiftkv_jax.generation import decode, prefill, prefill_chunked
-from swiftkv_jax.request import MAX_STOP_IDS
-from swiftkv_jax.steps import request_keys
-from swiftkv_jax.sampling import SamplingParams
+from swiftkv_jax.runtime.generation import decode, prefill, prefill_chunked
+from swiftkv_jax.runtime.request import MAX_STOP_IDS
+from swiftkv_jax.runtime.sampling import SamplingParams
+from swiftkv_jax.runtime.steps import request_keys
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # where the scripts write by default
 DECODE_PROMPT_LEN = 32  # prompt tokens before the timed decode

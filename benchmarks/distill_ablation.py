@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import swiftkv_jax as sk  # noqa: E402
 from common import RESULTS_DIR  # noqa: E402
-from swiftkv_jax import data  # noqa: E402
-from swiftkv_jax import distill as ds  # noqa: E402
+
+import swiftkv_jax as sk  # noqa: E402
 from swiftkv_jax.compile_cache import enable_compilation_cache  # noqa: E402
-from swiftkv_jax.evaluate import evaluate, format_table  # noqa: E402
+from swiftkv_jax.train import data  # noqa: E402
+from swiftkv_jax.train import distill as ds  # noqa: E402
+from swiftkv_jax.train.evaluate import evaluate, format_table  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Per-device bytes of params and KV cache under sharding.py's partition rules, from configs only.
+"""Per-device bytes of params and KV cache under swiftkv_jax/sharding/'s partition rules, from configs only.
 
 No weights are loaded and no devices are needed: shapes come from the configs, shards from the
 same rules `shard_params` / `init_cache(mesh=...)` apply (including the replicate fallback

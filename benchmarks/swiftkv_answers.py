@@ -52,7 +52,7 @@ def main() -> int:
 
     import swiftkv_jax as sk
     from swiftkv_jax.compile_cache import enable_compilation_cache
-    from swiftkv_jax.evaluate import side_by_side
+    from swiftkv_jax.train.evaluate import side_by_side
 
     enable_compilation_cache()
     params, tokenizer = sk.load(args.model, progress=False)

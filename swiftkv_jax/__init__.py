@@ -1,7 +1,7 @@
 """swiftkv-jax: SwiftKV Llama inference and distillation in JAX/Flax.
 
 The public names are imported on first use (PEP 562), so `import swiftkv_jax` and the command
-line's start (which re-executes itself once, hugepages.py) do not pay for JAX until it is needed.
+line's start (which re-executes itself once, cli/hugepages.py) do not pay for JAX until it is needed.
 """
 
 from __future__ import annotations
@@ -11,33 +11,33 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 # public name -> the submodule that defines it
 _EXPORTS = {
-    "KVCache": "cache", "init_cache": "cache",
     "ConfigError": "config", "ModelConfig": "config",
-    "GenerateError": "request", "generate": "generation",
-    "forward": "model", "init_params": "model",
-    "Params": "params",
-    "swiftkv_off": "swiftkv", "to_swiftkv": "swiftkv",
-    "Engine": "engine",
-    "FinishReason": "handle", "RequestHandle": "handle",
-    "default_model_path": "loading", "load": "loading",
-    "SamplingOptions": "request",
-    "WeightsError": "weights", "load_checkpoint": "weights", "save_checkpoint": "weights",
-    "save_hf_folder": "weights",
+    "Params": "model.params",
+    "forward": "model.forward", "init_params": "model.forward",
+    "swiftkv_off": "model.swiftkv", "to_swiftkv": "model.swiftkv",
+    "KVCache": "runtime.cache", "init_cache": "runtime.cache",
+    "generate": "runtime.generation",
+    "Engine": "runtime.engine",
+    "FinishReason": "runtime.request", "RequestHandle": "runtime.handle",
+    "GenerateError": "runtime.request", "SamplingOptions": "runtime.request",
+    "default_model_path": "io.loading", "load": "io.loading",
+    "WeightsError": "io.weights", "load_checkpoint": "io.weights", "save_checkpoint": "io.weights",
+    "save_hf_folder": "io.weights",
 }
 __all__ = sorted(_EXPORTS)
 
 if _TYPE_CHECKING:
-    from .cache import KVCache, init_cache
     from .config import ConfigError, ModelConfig
-    from .engine import Engine
-    from .generation import generate
-    from .handle import FinishReason, RequestHandle
-    from .loading import default_model_path, load
-    from .model import forward, init_params
-    from .params import Params
-    from .request import GenerateError, SamplingOptions
-    from .swiftkv import swiftkv_off, to_swiftkv
-    from .weights import WeightsError, load_checkpoint, save_checkpoint, save_hf_folder
+    from .io.loading import default_model_path, load
+    from .io.weights import WeightsError, load_checkpoint, save_checkpoint, save_hf_folder
+    from .model.forward import forward, init_params
+    from .model.params import Params
+    from .model.swiftkv import swiftkv_off, to_swiftkv
+    from .runtime.cache import KVCache, init_cache
+    from .runtime.engine import Engine
+    from .runtime.generation import generate
+    from .runtime.handle import RequestHandle
+    from .runtime.request import FinishReason, GenerateError, SamplingOptions
 
 
 def __getattr__(name: str) -> object:

@@ -97,6 +97,10 @@ class ModelConfig:
         """KV-cache layer slots: L + (N - L) / g."""
         return self.num_key_value_layers + self.num_kv_groups
 
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """KV bytes one token occupies: keys and values of every cache layer slot."""
+        return 2 * self.num_cache_layers * self.num_kv_heads * self.head_dim * itemsize
+
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with `changes` applied (and validated again): the config is frozen."""
         return dataclasses.replace(self, **changes)

@@ -7,12 +7,11 @@ query tile, each with the last query position inside and on a tile boundary.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax.numpy as jnp
-
-from swiftkv_jax.attention import ATTENTION_TILE, attend_paged
+from swiftkv_jax.model.attention import ATTENTION_TILE, attend_paged
 
 KV_HEADS, GROUP, HEAD_DIM, BLOCK = 2, 3, 16, 16
 

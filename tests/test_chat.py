@@ -9,9 +9,9 @@ import io
 import pytest
 
 import swiftkv_jax as sk
-from swiftkv_jax.chat import ChatSession, run_chat
-from swiftkv_jax.engine import Engine
-from swiftkv_jax.request import SamplingOptions
+from swiftkv_jax.cli.chat_session import ChatSession, run_chat
+from swiftkv_jax.runtime.engine import Engine
+from swiftkv_jax.runtime.request import SamplingOptions
 
 MAX_LENGTH, NEW = 512, 12
 

@@ -24,7 +24,7 @@ def test_convert_to_checkpoint_and_swiftkv_hf(gqa_model, tmp_path):
 
 
 def test_convert_swiftkv_tensors_only(gqa_model, tmp_path):
-    from swiftkv_jax import shipped
+    from swiftkv_jax.io import shipped
     folder, _ = gqa_model
     assert main(["convert", str(folder), str(tmp_path / "m"), "--num-key-value-layers", "1",
                  "--swiftkv-tensors"]) == 0

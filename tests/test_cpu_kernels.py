@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from swiftkv_jax import cpu_kernels
-from swiftkv_jax.attention import attend_paged
+from swiftkv_jax.kernels import cpu as cpu_kernels
+from swiftkv_jax.model.attention import attend_paged
 
 
 def reference(q, k_pool, v_pool, table, q_pos, block_size):

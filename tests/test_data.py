@@ -7,12 +7,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from tiny_tokenizer import make_tokenizer
 
 import swiftkv_jax as sk
-from swiftkv_jax import data
 from swiftkv_jax.config import ModelConfig
-from swiftkv_jax.data import DataError
-from tiny_tokenizer import make_tokenizer
+from swiftkv_jax.train import data
+from swiftkv_jax.train.data import DataError
 
 CHAT = {"messages": [{"role": "user", "content": "hello how are you ?"},
                      {"role": "assistant", "content": "hi the answer is water ."},
@@ -175,7 +175,7 @@ def test_self_distillation_set_is_generated_once_and_resumed(tmp_path, tok, monk
         calls.append(len(batch))
         return real_generate(params, cache, batch, **kw)
 
-    monkeypatch.setattr(sys.modules["swiftkv_jax.generation"], "generate", counting_generate)
+    monkeypatch.setattr(sys.modules["swiftkv_jax.runtime.generation"], "generate", counting_generate)
     again = data.self_distillation_set(teacher, tok, **kwargs)
     assert calls == [1]  # only the missing prompt is answered
     assert again[:2] == first[:2] and [c["messages"][0] for c in again] == [c["messages"][0] for c in first]
@@ -200,18 +200,16 @@ def test_english_calibration_text():
 
 
 def test_both_builtin_corpora_hold_out_the_same_teacher_answers(tmp_path, tok):
-    from argparse import Namespace
-
-    from swiftkv_jax.cli import _examples
+    from swiftkv_jax.train.recipe import examples
+    from swiftkv_jax.train.settings import DataChoice
 
     cfg = ModelConfig(vocab_size=160, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=8, eos_token_ids=(2,))
     teacher = sk.init_params(cfg, jax.random.PRNGKey(0))
-    args = Namespace(data=None, num_prompts=40, held_out_percent=10.0, answer_tokens=4,
-                     generate_batch_size=8, data_cache=tmp_path, num_conversations=30,
-                     conversation_chars=800)
-    train_a, held_a, name_a = _examples(Namespace(**vars(args), corpus="teacher-answers"), teacher, tok)
-    train_c, held_c, name_c = _examples(Namespace(**vars(args), corpus="sharegpt"), teacher, tok)
+    choice = dict(num_prompts=40, held_out_percent=10.0, answer_tokens=4, generate_batch_size=8,
+                  cache_dir=tmp_path, num_conversations=30, conversation_chars=800)
+    train_a, held_a, name_a = examples(DataChoice(**choice, corpus="teacher-answers"), teacher, tok)
+    train_c, held_c, name_c = examples(DataChoice(**choice, corpus="sharegpt"), teacher, tok)
     assert held_a == held_c and held_a and all(c["messages"][1]["role"] == "assistant" for c in held_a)
     held_prompts = {c["messages"][0]["content"] for c in held_a}
     assert len(train_a) + len(held_a) == 40 and not held_prompts & {c["messages"][0]["content"] for c in train_a}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from swiftkv_jax.detokenizer import REPLACEMENT, IncrementalDetokenizer, StopStrings
+from swiftkv_jax.text.detokenizer import REPLACEMENT, IncrementalDetokenizer, StopStrings
 
 TEXT = ("Grüße aus Köln! naïve café, 東京タワー and 🎉🚀 emoji; ¿qué tal? Ωμέγα — “quotes” … "
         "the quick brown fox jumps over the lazy dog 12345 ") * 3

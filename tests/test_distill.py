@@ -9,17 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import swiftkv_jax as sk
-from swiftkv_jax import distill as D
-from swiftkv_jax.cli import main
-from swiftkv_jax.config import ConfigError, ModelConfig
-from swiftkv_jax.data import Packed
-from swiftkv_jax.evaluate import evaluate
-from swiftkv_jax.attention import ATTENTION_TILE
 from conftest import make_hf_llama
 from numerics import update_agreement, updates_agree
 from tiny_tokenizer import make_tokenizer
+
+import swiftkv_jax as sk
+from swiftkv_jax.cli import main
+from swiftkv_jax.config import ConfigError, ModelConfig
+from swiftkv_jax.model.attention import ATTENTION_TILE
+from swiftkv_jax.train import distill as D
+from swiftkv_jax.train.data import Packed
+from swiftkv_jax.train.evaluate import evaluate
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=5, num_heads=4,
                   num_kv_heads=2, head_dim=8, eos_token_ids=(2,))
@@ -301,7 +301,7 @@ def test_to_swiftkv_bad_group_size_is_a_config_error():
 
 
 def test_least_squares_kv_init_fits_the_layers_own_keys_and_values():
-    from swiftkv_jax.kv_init import fit_swiftkv_kv, layer_inputs
+    from swiftkv_jax.train.kv_init import fit_swiftkv_kv, layer_inputs
 
     params, data = tiny_swiftkv(L=2, g=1), random_data(rows=8, seq_len=16)
     fitted = fit_swiftkv_kv(params, data.tokens, ridge=1e-9)

@@ -14,14 +14,15 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from conftest import hf_greedy, prompts, rel_err
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import swiftkv_jax as sk
-from swiftkv_jax.engine import Engine, compilations
-from swiftkv_jax.handle import FinishReason
-from swiftkv_jax.request import GenerateError, SamplingOptions
-from swiftkv_jax.steps import prefill
-from conftest import hf_greedy, prompts, rel_err
+from swiftkv_jax.runtime.engine import Engine, compilations
+from swiftkv_jax.runtime.handle import FinishReason
+from swiftkv_jax.runtime.request import GenerateError, SamplingOptions
+from swiftkv_jax.runtime.steps import prefill
 
 # One geometry for every engine here, so the suite compiles each step's shapes once per model.
 GEOMETRY = dict(max_slots=4, max_length=96, block_size=8, chunk_size=32, decode_steps=4)

@@ -4,14 +4,13 @@ import json
 
 import jax
 import pytest
+from conftest import make_hf_llama
 from safetensors.numpy import load_file, save_file
 
 import swiftkv_jax as sk
 from swiftkv_jax.config import ConfigError
-from swiftkv_jax.generation import GenerateError
-from swiftkv_jax.weights import WeightsError
-
-from conftest import make_hf_llama
+from swiftkv_jax.io.weights import WeightsError
+from swiftkv_jax.runtime.generation import GenerateError
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import swiftkv_jax as sk
-from swiftkv_jax.generation import decode, prefill, prefill_bucket
-from swiftkv_jax.sampling import SamplingParams, filter_logits, sample
+from swiftkv_jax.runtime.generation import decode, prefill, prefill_bucket
+from swiftkv_jax.runtime.sampling import SamplingParams, filter_logits, sample
 
 CFG = sk.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=8, eos_token_ids=(2,))

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import pytest
 import torch
 import transformers
-
-import swiftkv_jax as sk
 from conftest import hf_greedy, hf_logits, make_hf_llama, prompts, rel_err
 from gguf_writer import write_gguf
+
+import swiftkv_jax as sk
 
 
 @pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,

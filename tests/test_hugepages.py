@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from swiftkv_jax import hugepages
+from swiftkv_jax.cli import hugepages
 
 # Mallocs 64 MB with glibc's own malloc, touches it, and prints the process's huge-page bytes.
 PROBE = """
@@ -38,7 +38,7 @@ def _run(code: str, **env) -> list[str]:
 
 @pytest.mark.skipif(not hugepages.huge_pages_available(), reason="no glibc >= 2.35 with THP here")
 def test_reexecuted_process_backs_large_mallocs_with_huge_pages():
-    reexec = ("from swiftkv_jax.hugepages import reexec_with_huge_pages\n"
+    reexec = ("from swiftkv_jax.cli.hugepages import reexec_with_huge_pages\n"
               f"reexec_with_huge_pages(['-c', {PROBE!r}])\nprint('not re-executed')")
     tunables, huge_kb = _run(reexec, GLIBC_TUNABLES=None, **{hugepages.OPT_OUT: None})
     assert tunables == "glibc.malloc.hugetlb=1" and int(huge_kb) >= 32 << 10
@@ -50,7 +50,7 @@ def test_reexecuted_process_backs_large_mallocs_with_huge_pages():
 
 def test_module_entry_point_survives_the_reexecution():
     """`python -m swiftkv_jax.cli` (how servers are started) re-executes as a module, not as the
-    file cli.py (which, run as a script, has no package for its relative imports)."""
+    file cli/__init__.py (which, run as a script, has no package for its relative imports)."""
     import os
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT)}
     out = subprocess.run([sys.executable, "-m", "swiftkv_jax.cli", "serve", "--help"], capture_output=True,
@@ -65,7 +65,7 @@ def test_the_command_line_starts_without_jax():
     code = ("import sys, swiftkv_jax, swiftkv_jax.cli\n"
             "assert 'jax' not in sys.modules, 'jax imported'\n"
             "assert callable(swiftkv_jax.generate) and 'jax' in sys.modules\n"
-            "import swiftkv_jax.generation\n"
+            "import swiftkv_jax.runtime.generation\n"
             "assert callable(swiftkv_jax.generate), 'the module shadows the function'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import pytest
 
 import swiftkv_jax as sk
-from swiftkv_jax.request import MAX_STOP_IDS
-from swiftkv_jax.sampling import SamplingParams
-from swiftkv_jax.steps import decode, mixed, prefill
+from swiftkv_jax.runtime.request import MAX_STOP_IDS
+from swiftkv_jax.runtime.sampling import SamplingParams
+from swiftkv_jax.runtime.steps import decode, mixed, prefill
 
 CFG = sk.ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8)

@@ -9,7 +9,6 @@ tests' do; generated data goes to the temporary folder.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path

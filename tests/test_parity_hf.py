@@ -1,9 +1,9 @@
 """Our Llama against Hugging Face transformers on tiny random models: logits and greedy tokens."""
 
 import jax.numpy as jnp
+from conftest import hf_greedy, hf_logits, prompts, rel_err
 
 import swiftkv_jax as sk
-from conftest import hf_greedy, hf_logits, prompts, rel_err
 
 
 def test_full_prompt_logits_match(tiny_model):
@@ -93,7 +93,7 @@ def test_streamed_tokens_match_transformers_and_stop_mid_group(gqa_model):
     """generate(streamer=...): the first token alone, then groups of STREAM_TOKENS; each row's
     streamed tokens are HF's greedy tokens up to its stop id (one row stops inside a group and
     must get nothing more), and generate returns the same."""
-    from swiftkv_jax.generation import STREAM_TOKENS
+    from swiftkv_jax.runtime.generation import STREAM_TOKENS
     folder, hf = gqa_model
     params, _ = sk.load(folder, progress=False)
     batch = prompts(params.config.vocab_size, [9, 21], seed=9)

@@ -5,12 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from conftest import prompts, rel_err
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import swiftkv_jax as sk
-from swiftkv_jax.generation import GenerateError, _admit, make_request, namespace_of, prefill
-from swiftkv_jax.prefix_cache import admit, empty_index, register
-from conftest import prompts, rel_err
+from swiftkv_jax.runtime.generation import GenerateError, _admit, make_request, namespace_of, prefill
+from swiftkv_jax.runtime.prefix_cache import admit, empty_index, register
 
 BS = 8  # block size of these tests
 

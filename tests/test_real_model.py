@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import pytest
 import torch
 import transformers
+from conftest import hf_greedy, hf_logits, rel_err
 
 import swiftkv_jax as sk
-from conftest import hf_greedy, hf_logits, rel_err
 
 pytestmark = pytest.mark.real_model
 
@@ -67,7 +67,7 @@ def test_answer_is_real_text():
 def test_tokenizer_without_torch_equals_transformers_gguf_tokenizer():
     """The main job builds the GGUF tokenizer from metadata (no torch); it must encode like
     transformers' own GGUF tokenizer."""
-    from swiftkv_jax.gguf_io import tokenizer_from_gguf_metadata
+    from swiftkv_jax.io.gguf import tokenizer_from_gguf_metadata
     path = sk.default_model_path() if models() else None
     ours = tokenizer_from_gguf_metadata(path)
     ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -80,7 +80,7 @@ def test_tokenizer_without_torch_equals_transformers_gguf_tokenizer():
 def test_tokenizer_cached_on_disk_encodes_like_transformers(tmp_path, monkeypatch):
     """The GGUF tokenizer is converted once and then loaded from its cache folder; the cached one
     must still encode (text, chat template, special tokens) like transformers' GGUF tokenizer."""
-    from swiftkv_jax.gguf_io import cached_gguf_tokenizer
+    from swiftkv_jax.io.gguf import cached_gguf_tokenizer
     monkeypatch.setenv("SWIFTKV_JAX_TOKENIZER_CACHE", str(tmp_path))
     path = sk.default_model_path()
     cached_gguf_tokenizer(path)  # converts and writes the cache
@@ -98,8 +98,9 @@ def test_shipped_swiftkv_model_equals_the_reference_and_knows_paris():
     """`load("smollm2-swiftkv")`: the shipped SwiftKV tensors merged into the installed GGUF equal
     the independent PyTorch SwiftKV reference on transformers' own load of that GGUF, driven by
     the stored tensors; and the distilled model answers the question every model must."""
-    from swiftkv_jax import shipped
     from swiftkv_reference import SwiftKVReference
+
+    from swiftkv_jax.io import shipped
 
     _, tokenizer, ref = models()
     params, _ = sk.load("smollm2-swiftkv", progress=False)

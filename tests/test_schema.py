@@ -1,4 +1,4 @@
-"""The weights schema (swiftkv_jax/params.py) against independent references: the tensor names
+"""The weights schema (swiftkv_jax/model/params.py) against independent references: the tensor names
 and shapes that transformers itself saves for a Llama, and that the SwiftKV reference (written
 from SWIFTKV.md's checkpoint format) saves for a llama_swiftkv model. A wrong shape, axis or name
 in the schema turns these red before any logits are computed."""
@@ -8,12 +8,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import TINY_CONFIGS, make_hf_llama
 from safetensors.numpy import load_file
+from swiftkv_reference import SwiftKVReference
 
 import swiftkv_jax as sk
-from swiftkv_jax.params import abstract_weights, tensors
-from conftest import TINY_CONFIGS, make_hf_llama
-from swiftkv_reference import SwiftKVReference
+from swiftkv_jax.model.params import abstract_weights, tensors
 
 
 def _hf_names_and_shapes(config: sk.ModelConfig, teacher: bool = True) -> dict[str, tuple]:

@@ -16,11 +16,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from conftest import TINY_CONFIGS, make_hf_llama
+from tiny_tokenizer import make_tokenizer
 
 import swiftkv_jax as sk
-from conftest import TINY_CONFIGS, make_hf_llama
 from swiftkv_jax.serve.process import ServerProcess
-from tiny_tokenizer import make_tokenizer
 
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".jax_cache"
 ENV = {"SWIFTKV_JAX_CACHE": str(CACHE_DIR), "JAX_PLATFORMS": "cpu",

@@ -245,7 +245,7 @@ def _params(config, seed: int) -> sk.Params:
 
 
 def _prefill_logits(params, cache) -> np.ndarray:
-    from swiftkv_jax.generation import prefill
+    from swiftkv_jax.runtime.generation import prefill
     tokens = np.zeros((len(PROMPTS), 16), np.int32)
     for i, row in enumerate(PROMPTS):
         tokens[i, :len(row)] = row
@@ -333,7 +333,7 @@ def _checkpoint_check(folder: Path) -> dict:
 
 
 def _lr_total(config, steps: int) -> float:
-    from swiftkv_jax import distill as ds
+    from swiftkv_jax.train import distill as ds
     schedule = ds.make_schedule(config, config.max_steps)
     return float(sum(schedule(s) for s in range(steps)))
 
@@ -343,7 +343,8 @@ def _distill_check(folder: Path) -> dict:
     a save on 2x4, a restore onto 8x1 and a step more, as updates in units of the learning rate
     (tests/numerics.py says why each comparison is made as it is)."""
     from numerics import relative_norm_error, update_agreement
-    from swiftkv_jax import distill as ds
+
+    from swiftkv_jax.train import distill as ds
     params = _params(SWIFT, 3)
     config = ds.DistillConfig(batch_size=8, seq_len=8, max_steps=4, learning_rate=1e-3)
     optimizer = ds.make_optimizer(config, 4)
@@ -394,8 +395,9 @@ def _distill_loop_check(folder: Path, params: sk.Params) -> dict:
     """distill() itself: 2 steps on a 2x4 mesh, interrupted, resumed on 8x1 for 2 more, against
     4 straight steps on one device."""
     from numerics import update_agreement
-    from swiftkv_jax import distill as ds
-    from swiftkv_jax.data import Packed
+
+    from swiftkv_jax.train import distill as ds
+    from swiftkv_jax.train.data import Packed
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, SWIFT.vocab_size, (16, 9)).astype(np.int32)
     packed = Packed(tokens[:, :-1], tokens[:, 1:], np.ones((16, 8), np.float32))

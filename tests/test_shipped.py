@@ -5,13 +5,13 @@ independent PyTorch reference driven by the stored tensors, read with safetensor
 import jax.numpy as jnp
 import pytest
 import torch
+from conftest import make_hf_llama, prompts, rel_err
 from safetensors.torch import load_file
+from swiftkv_reference import SwiftKVReference
 
 import swiftkv_jax as sk
-from swiftkv_jax import shipped
-from swiftkv_jax.shipped import ShippedModelError
-from conftest import make_hf_llama, prompts, rel_err
-from swiftkv_reference import SwiftKVReference
+from swiftkv_jax.io import shipped
+from swiftkv_jax.io.shipped import ShippedModelError
 
 N, L = 6, 2
 

@@ -8,14 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import hf_logits, make_hf_llama, prompts, rel_err
 from safetensors.numpy import load_file, save_file
+from swiftkv_reference import SwiftKVReference
 
 import swiftkv_jax as sk
 from swiftkv_jax.config import ConfigError
-from swiftkv_jax.model import lower_hidden, upper_logits
-from swiftkv_jax.weights import WeightsError
-from conftest import hf_logits, make_hf_llama, prompts, rel_err
-from swiftkv_reference import SwiftKVReference
+from swiftkv_jax.io.weights import WeightsError
+from swiftkv_jax.model.forward import lower_hidden, upper_logits
 
 N = 6  # layers of the tiny model: L = 2 leaves 4 upper layers, so g = 1, 2 and 4 all fit
 

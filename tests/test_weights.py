@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from conftest import hf_logits, make_hf_llama, prompts, rel_err
 
 import swiftkv_jax as sk
 from swiftkv_jax.config import ModelConfig
-from conftest import hf_logits, make_hf_llama, prompts, rel_err
 
 
 def _same_params(a: sk.Params, b: sk.Params) -> bool:

@@ -21,13 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import Engine
-from ..tokenization import encode_text, has_chat_template, render_chat
+from ..runtime.engine import Engine
+from ..text.tokenization import encode_text, has_chat_template, render_chat
 from .generation import Generation, Piece, merged, submit_all
+from .limits import MAX_BODY_BYTES, MAX_QUEUE
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
-
-MAX_BODY_BYTES = 4 << 20  # a request body larger than this is refused (413)
 
 
 class BodyLimit:
@@ -58,7 +57,7 @@ class BodyLimit:
 
 
 def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str | None = None,
-               max_queue: int = 256, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_queue: int = MAX_QUEUE, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The app; it starts the engine's background loop on start-up and stops it on shut-down
     (requests still running then end as cancelled)."""
 
@@ -72,7 +71,7 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     metrics = Metrics(engine.stats)
     created = int(time.time())
-    eos_ids = tuple(engine.params.config.eos_token_ids)
+    config = engine.params.config
 
     # -- errors: OpenAI's body, always ---------------------------------------------------------
 
@@ -152,7 +151,7 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
     async def completions(body: CompletionRequest, request: Request) -> Response:
         admit(body)
         prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
-        opts = [body.options(max_tokens_for(body.max_tokens, len(ids)), eos_ids) for ids in prompts]
+        opts = [body.options(max_tokens_for(body.max_tokens, len(ids)), config) for ids in prompts]
         gens = submit_all(engine, tokenizer, metrics, prompts, opts, body.stop_strings())
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
@@ -174,7 +173,7 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
         ids = encode_text(tokenizer, render_chat(tokenizer, body.chat(), generation_prompt=True))
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         gens = submit_all(engine, tokenizer, metrics, [ids],
-                          [body.options(max_tokens_for(asked, len(ids), "messages"), eos_ids)], body.stop_strings())
+                          [body.options(max_tokens_for(asked, len(ids), "messages"), config)], body.stop_strings())
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": model_name}
         if body.stream:

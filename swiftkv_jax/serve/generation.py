@@ -12,12 +12,12 @@ import asyncio
 import dataclasses
 from typing import Any, AsyncIterator, Sequence
 
-from ..engine import Engine
-from ..handle import FinishReason, RequestHandle
-from ..request import GenerateError, SamplingOptions
-from ..detokenizer import IncrementalDetokenizer, StopStrings
+from ..runtime.engine import Engine
+from ..runtime.handle import RequestHandle
+from ..runtime.request import FinishReason, GenerateError, SamplingOptions
+from ..text.detokenizer import IncrementalDetokenizer, StopStrings
 from .metrics import Metrics
-from .protocol import APIError
+from .protocol import APIError, api_param
 
 OPENAI_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
                   FinishReason.CANCELLED: "abort"}
@@ -47,7 +47,7 @@ class Generation:
         try:
             self.handle: RequestHandle = engine.submit(prompt_ids, options)
         except GenerateError as err:
-            raise APIError(400, str(err), _param_of(str(err))) from err
+            raise APIError(400, str(err), api_param(err.param)) from err
 
     @property
     def cached_tokens(self) -> int:
@@ -76,14 +76,6 @@ class Generation:
             if not self.handle.done:
                 self.handle.cancel()  # the reader left (a dropped client): free the slot
             self._metrics.observe(self.handle, self.finish_reason or "abort", self.completion_tokens)
-
-
-def _param_of(message: str) -> str | None:
-    """The request field an engine error is about (for the error body's `param`)."""
-    for field in ("max_tokens", "temperature", "top_k", "top_p", "stop"):
-        if field in message:
-            return field
-    return "prompt" if "prompt" in message or "token ids" in message else None
 
 
 def submit_all(engine: Engine, tokenizer: Any, metrics: Metrics, prompts: list[list[int]],

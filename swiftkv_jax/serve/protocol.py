@@ -12,7 +12,16 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict
 
-from ..request import MAX_STOP_IDS, SamplingOptions
+from ..config import ModelConfig
+from ..runtime.request import GenerateError, SamplingOptions
+
+# SamplingOptions fields (GenerateError.param) whose OpenAI request field has another name
+API_FIELDS = {"stop_ids": "stop_token_ids"}
+
+
+def api_param(field: str | None) -> str | None:
+    """The OpenAI request field an engine error names."""
+    return API_FIELDS.get(field, field)
 
 
 class APIError(Exception):
@@ -73,28 +82,20 @@ class _Sampling(BaseModel):
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported; leave it out", "logit_bias")
 
-    def options(self, max_tokens: int, eos_ids: tuple[int, ...]) -> SamplingOptions:
-        """The engine's SamplingOptions for this body (checked again by the engine)."""
-        temperature = 1.0 if self.temperature is None else self.temperature
-        top_p = 1.0 if self.top_p is None else self.top_p
-        if max_tokens < 1:
-            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
-        if not 0 <= temperature:
-            raise APIError(400, f"temperature must be >= 0 (0 = greedy), got {temperature}", "temperature")
-        if not 0 < top_p <= 1:
-            raise APIError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
-        if self.top_k is not None and self.top_k < -1:
-            raise APIError(400, f"top_k must be -1 or 0 (off) or positive, got {self.top_k}", "top_k")
+    def options(self, max_tokens: int, config: ModelConfig) -> SamplingOptions:
+        """The engine's SamplingOptions for this body, checked by the engine's own rules
+        (SamplingOptions.checked): a value it refuses is an APIError naming the OpenAI field."""
         extra = tuple(self.stop_token_ids or ())
-        stop_ids = tuple(dict.fromkeys(extra + (() if self.ignore_eos else tuple(eos_ids))))
-        if len(stop_ids) > MAX_STOP_IDS:
-            raise APIError(400, f"at most {MAX_STOP_IDS} stop token ids (with the model's eos ids) "
-                           f"are supported, got {len(stop_ids)}", "stop_token_ids")
-        if self.seed is not None and not 0 <= self.seed < 2 ** 32:
-            raise APIError(400, f"seed must be in [0, 2**32), got {self.seed}", "seed")
-        return SamplingOptions(max_tokens=max_tokens, temperature=temperature,
-                               top_k=max(self.top_k or 0, 0), top_p=top_p, seed=self.seed,
-                               stop_ids=stop_ids)
+        stop_ids = tuple(dict.fromkeys(extra + (() if self.ignore_eos else tuple(config.eos_token_ids))))
+        top_k = 0 if self.top_k == -1 else (self.top_k or 0)  # vLLM: -1 is off
+        options = SamplingOptions(max_tokens=max_tokens,
+                                  temperature=1.0 if self.temperature is None else self.temperature,
+                                  top_k=top_k, top_p=1.0 if self.top_p is None else self.top_p,
+                                  seed=self.seed, stop_ids=stop_ids)
+        try:
+            return options.checked(config)
+        except GenerateError as err:
+            raise APIError(400, str(err), api_param(err.param)) from err
 
 
 class CompletionRequest(_Sampling):

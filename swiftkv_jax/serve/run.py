@@ -13,15 +13,16 @@ from typing import Any
 
 import uvicorn
 
-from ..engine import Engine
-from .app import MAX_BODY_BYTES, create_app
+from ..runtime.engine import Engine
+from .app import create_app
+from .limits import DEFAULT_HOST, DEFAULT_PORT, MAX_BODY_BYTES, MAX_QUEUE, SHUTDOWN_TIMEOUT_S
 
 log = logging.getLogger("swiftkv_jax.serve")
 
 
-def serve(engine: Engine, tokenizer: Any, *, model_name: str, host: str = "127.0.0.1",
-          port: int = 8000, api_key: str | None = None, max_queue: int = 256,
-          max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = 30.0,
+def serve(engine: Engine, tokenizer: Any, *, model_name: str, host: str = DEFAULT_HOST,
+          port: int = DEFAULT_PORT, api_key: str | None = None, max_queue: int = MAX_QUEUE,
+          max_body_bytes: int = MAX_BODY_BYTES, shutdown_timeout: float = SHUTDOWN_TIMEOUT_S,
           log_level: str = "info") -> None:
     """Serves `engine` over HTTP until SIGTERM / SIGINT (binds 127.0.0.1 unless told otherwise)."""
     app = create_app(engine, tokenizer, model_name=model_name, api_key=api_key, max_queue=max_queue,

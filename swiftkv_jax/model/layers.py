@@ -1,0 +1,108 @@
+"""The Llama building blocks as pure functions of a params subtree: norm, RoPE, MLP, decoder layer.
+
+A decoder layer is `(h, kv_state) -> (h, kv_state)`: it takes its K/V state explicitly (a cache
+slot's pools, or nothing without a cache; see kv_access.py) and returns it updated, as Flax's
+examples/gemma blocks do. No callbacks, no hidden state, no mode flags: where the K/V live is the
+`kv` argument's type. Weights are laid out as params.SCHEMA declares them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ..config import ModelConfig, rope_inverse_frequencies
+from .attention import F32
+from .kv_access import ChunkKV, KVView, LayerKV, PackedKV
+from .params import Weights
+
+KVPlacement = ChunkKV | PackedKV
+Rope = tuple[jax.Array, jax.Array]  # (sin, cos) [B, T, head_dim / 2]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Root-mean-square norm, computed in float32 whatever the activation dtype."""
+    x32 = x.astype(F32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(F32)).astype(x.dtype)
+
+
+def rope_angles(config: ModelConfig, positions: jax.Array) -> Rope:
+    """(sin, cos) of shape [..., head_dim / 2] for integer `positions`, in float32."""
+    inv = jnp.asarray(rope_inverse_frequencies(config), F32)
+    angles = positions.astype(F32)[..., None] * inv
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, sin_cos: Rope) -> jax.Array:
+    """Half-split rotary embedding (Hugging Face layout) on x [B, T, heads, head_dim]."""
+    sin, cos = (a[:, :, None, :] for a in sin_cos)
+    x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def project(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, T, D] @ w [D, heads, h] -> [B, T, heads, h], as one plain matmul."""
+    return (x @ w.reshape(w.shape[0], -1).astype(x.dtype)).reshape(x.shape[:2] + w.shape[1:])
+
+
+def mlp(w: Weights, x: jax.Array) -> jax.Array:
+    """SwiGLU: down(silu(gate x) * up x)."""
+    gate, up = x @ w["gate_proj"].astype(x.dtype), x @ w["up_proj"].astype(x.dtype)
+    return (jax.nn.silu(gate) * up) @ w["down_proj"].astype(x.dtype)
+
+
+def attention_input(w: Weights, config: ModelConfig, h: jax.Array) -> jax.Array:
+    """The layer's normed input x = input_layernorm(h), which its projections read."""
+    return rms_norm(h, w["input_layernorm"]["weight"], config.rms_norm_eps)
+
+
+def own_kv(w: Weights, x: jax.Array, rope: Rope) -> tuple[jax.Array, jax.Array]:
+    """A plain layer's keys (RoPE'd) and values [B, T, K, h] from its own input x."""
+    return apply_rope(project(x, w["k_proj"]), rope), project(x, w["v_proj"])
+
+
+def finish_layer(w: Weights, config: ModelConfig, h: jax.Array, q: jax.Array, kv: KVView,
+                 q_pos: jax.Array) -> jax.Array:
+    """Attention of q over `kv`, o_proj and the residual, then the MLP block."""
+    heads, hd = config.num_heads, config.head_dim
+    out = kv.attend(q, q_pos)
+    o_proj = w["o_proj"].reshape(heads * hd, -1).astype(h.dtype)
+    h = h + out.reshape(h.shape[:2] + (heads * hd,)) @ o_proj
+    post = rms_norm(h, w["post_attention_layernorm"]["weight"], config.rms_norm_eps)
+    return h + mlp(w["mlp"], post)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def decoder_layer(w: Weights, config: ModelConfig, h: jax.Array, q_pos: jax.Array, rope: Rope,
+                  kv: KVPlacement, state: LayerKV | None) -> tuple[jax.Array, LayerKV]:
+    """A Llama decoder layer: projects its own q/k/v, writes its K/V into `state` and attends
+    over what that holds. Returns (h, the updated state).
+
+    Jitted so that a model's layers, all of one shape, are traced and lowered once instead of
+    once per layer (start-up: ~2x less tracing); XLA inlines the call, nothing changes at run time."""
+    x = attention_input(w, config, h)
+    q = apply_rope(project(x, w["q_proj"]), rope)
+    state = kv.write(state, *own_kv(w, x, rope))
+    return finish_layer(w, config, h, q, kv.read(state), q_pos), state
+
+
+def run_layers(params_weights: Sequence[Weights], config: ModelConfig, h: jax.Array,
+               q_pos: jax.Array, kv: KVPlacement, states: Sequence[LayerKV | None]
+               ) -> tuple[jax.Array, list[LayerKV], jax.Array]:
+    """Runs plain decoder layers in order, each with its own state. Returns (h, the new states,
+    the hidden state entering the last of these layers).
+
+    An unrolled Python loop: on CPU this measured faster than `lax.scan` over stacked weights
+    (whose per-layer slices XLA copies), e.g. SmolLM2-135M decode 21 -> 29 tokens/s.
+    """
+    rope = rope_angles(config, q_pos)
+    new_states, into_last = [], h
+    for w, state in zip(params_weights, states, strict=True):
+        into_last = h
+        h, state = decoder_layer(w, config, h, q_pos, rope, kv, state)
+        new_states.append(state)
+    return h, new_states, into_last

@@ -1,0 +1,1 @@
+"""Text <-> token ids: the prompt encoder (chat template) and the incremental detokenizer."""
