@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 # public name -> the submodule that defines it
 _EXPORTS = {
     "ConfigError": "config", "ModelConfig": "config",
-    "Params": "model.params",
+    "Params": "model.params", "Llama": "model.modules",
     "forward": "model.forward", "init_params": "model.forward",
     "swiftkv_off": "model.swiftkv", "to_swiftkv": "model.swiftkv",
     "KVCache": "runtime.cache", "init_cache": "runtime.cache",
@@ -31,6 +31,7 @@ if _TYPE_CHECKING:
     from .io.loading import default_model_path, load
     from .io.weights import WeightsError, load_checkpoint, save_checkpoint, save_hf_folder
     from .model.forward import forward, init_params
+    from .model.modules import Llama
     from .model.params import Params
     from .model.swiftkv import swiftkv_off, to_swiftkv
     from .runtime.cache import KVCache, init_cache

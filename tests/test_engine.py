@@ -104,6 +104,19 @@ def test_a_shared_prompt_is_reused_while_its_first_request_still_runs(model):
     assert_all_returned(engine)
 
 
+def test_without_the_prefix_cache_nothing_is_reused_or_kept(plain):
+    engine = Engine(plain, **GEOMETRY, prefix_cache=False)
+    tails = prompts(160, [6, 9, 4], seed=16)
+    handles = [engine.submit(SHARED + t, greedy(5)) for t in tails]
+    handles.append(engine.submit(SHARED + tails[0], greedy(5)))  # the very same prompt again
+    for h, t in zip(handles, tails + tails[:1]):
+        assert h.result() == alone(plain, SHARED + t, 5) and h.cached_tokens == 0
+    s = engine.stats()
+    assert s["prefix_hit_tokens"] == 0 and s["blocks_cached"] == 0
+    assert s["blocks_free"] == s["blocks_total"]  # every block is free again, none kept
+    assert_all_returned(engine)
+
+
 def test_engine_answers_like_transformers(gqa_model, plain):
     _, torch_model = gqa_model
     engine = Engine(plain, **GEOMETRY)

@@ -12,8 +12,10 @@ import pytest
 
 import swiftkv_jax as sk
 from swiftkv_jax.runtime.request import MAX_STOP_IDS
+from swiftkv_jax.runtime.runner import decode_program, mixed_program
 from swiftkv_jax.runtime.sampling import SamplingParams
-from swiftkv_jax.runtime.steps import decode, mixed, prefill
+from swiftkv_jax.runtime.slots import empty_slots
+from swiftkv_jax.runtime.steps import decode, namespace_of, prefill
 
 CFG = sk.ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8)
@@ -41,18 +43,18 @@ def test_decode_and_prefill_of_some_rows_never_copy_the_pool(rows):
     assert pool_copies(one_token, cache.k[0]) == 0
 
 
-def test_the_mixed_step_never_copies_the_pool():
+def test_the_engines_mixed_and_decode_programs_never_copy_the_pool():
     params = sk.init_params(CFG, jax.random.PRNGKey(0))
     cache = sk.init_cache(params, 8, 192)
-    r = 8
-    ones = jnp.ones((r,), jnp.int32)
-    step = mixed.lower(params, cache, jnp.zeros((1,), jnp.int32), jnp.ones((1, 16), jnp.int32),
-                       jnp.ones((1,), jnp.int32), jnp.arange(1, 1 + r, dtype=jnp.int32), ones, ones,
-                       ones * 9, SamplingParams.make(jnp.zeros(1 + r), jnp.zeros(1 + r, jnp.int32),
-                                                     jnp.ones(1 + r)),
-                       jnp.zeros((1 + r, 2), jnp.uint32), jnp.full((r, MAX_STOP_IDS), -1, jnp.int32)
-                       ).compile().as_text()
+    state = empty_slots(8, cache.max_length)
+    rows = jnp.arange(1 + 1 + 8, dtype=jnp.int32)  # one chunk row, its token count, 8 decode rows
+    step = mixed_program.lower(params, cache, state, rows, namespace_of(params.weights), chunk_rows=1,
+                               width=16).compile().as_text()
     assert pool_copies(step, cache.k[0]) == 0
+    for out_len in (1, 4):
+        step = decode_program.lower(params, cache, state, jnp.arange(3, dtype=jnp.int32),
+                                    out_len=out_len).compile().as_text()
+        assert pool_copies(step, cache.k[0]) == 0
 
 
 def _layer_calls(jaxpr, found: dict[str, list[int]]) -> dict[str, list[int]]:

@@ -40,13 +40,14 @@ class KVCache(PagedCache):
 def init_cache(params: Params, batch_size: int, max_length: int, *,
                block_size: int = DEFAULT_BLOCK_SIZE, num_blocks: int | None = None,
                pool_bytes: int | None = None, dtype: jnp.dtype | None = None,
-               hash_mask: int = 0xFFFFFFFF, mesh: jax.sharding.Mesh | None = None,
-               pool_over_data: bool = False) -> KVCache:
+               hash_mask: int = 0xFFFFFFFF, prefix_cache: bool = True,
+               mesh: jax.sharding.Mesh | None = None, pool_over_data: bool = False) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_length` tokens each.
 
     The pool holds `num_blocks` blocks of `block_size` tokens (or as many as fit in `pool_bytes`;
     default: one full row per batch row). Blocks beyond what the current request needs keep
-    earlier prompts' KV for reuse (the prefix cache). Layer slots are L + (N - L) / g.
+    earlier prompts' KV for reuse (the prefix cache; `prefix_cache=False` switches it off: nothing
+    is cached or reused). Layer slots are L + (N - L) / g.
     With a `mesh` (default: the mesh `params` are sharded on, if any), the pools are created
     sharded in place (kv heads over "model"; see sharding/partitioning.py) and the block table and lengths
     split over "data".
@@ -79,7 +80,7 @@ def init_cache(params: Params, batch_size: int, max_length: int, *,
     pools = lambda: [zeros(shape, dtype) for _ in range(cfg.num_cache_layers)]
     cache = KVCache(k=pools(), v=pools(), block_table=table,
                     lengths=jnp.zeros((batch_size,), jnp.int32),
-                    index=empty_index(num_blocks, block_size, hash_mask), block_size=block_size)
+                    index=empty_index(num_blocks, block_size, hash_mask, prefix_cache), block_size=block_size)
     if mesh is not None:
         from ..sharding.partitioning import shard_cache
         cache = shard_cache(cache, mesh, pool_over_data)

@@ -3,18 +3,19 @@
 `Engine(params, max_slots=8, max_length=2048, ...)` owns one paged KV cache whose rows are slots.
 `submit(prompt_ids, SamplingOptions(...))` returns a RequestHandle at once; each `step()` then
   1. ends cancelled requests (their slots and blocks are freed, written blocks stay cached);
-  2. admits waiting requests into free slots as the pool and the step's token budget allow
-     (longest cached prefix first: the prefix index on device), first come first served;
-  3. while prompts are waiting to be prefilled: one mixed forward pass of one chunk (at most
-     `chunk_size` prompt tokens in all) and one decode token for every running request (steps.mixed:
-     chunked prefill as in vLLM / Sarathi-Serve; the decode tokens ride in the chunk's matmuls);
-     the chunk's full blocks are published at once, so a concurrent request with the same system
-     prompt reuses them; a row whose prompt is done samples its first token;
+  2. the scheduler (scheduler.py, no JAX) admits waiting requests into free slots as the pool and
+     the step's token budget allow, first come first served, and the runner (runner.py) looks up
+     their cached prefixes on the device and writes their slots' state there;
+  3. the scheduler plans the step, the runner executes it: while prompts are waiting to be
+     prefilled, one mixed forward pass of one chunk (at most `chunk_size` prompt tokens in all)
+     and one decode token for every running request (chunked prefill as in vLLM /
+     Sarathi-Serve); the chunk's full blocks are published at once, so a concurrent request with
+     the same system prompt reuses them; a row whose prompt is done samples its first token;
      otherwise: up to `decode_steps` decode steps for every running slot in one jitted while_loop;
-  4. delivers the new tokens and ends finished requests.
+  4. delivers the new tokens (fetched in one transfer) and ends finished requests.
 A long prompt therefore delays each token of a running request by at most one chunk's time.
 `start()` runs the steps on a background thread (the way a server uses it); without it, reading
-a handle drives the steps. The device work is the same jitted steps generate() uses (steps.py).
+a handle drives the steps. The decode loop is the one generate() runs (steps.py).
 """
 
 from __future__ import annotations
@@ -31,18 +32,16 @@ from typing import Any, Callable
 from typing import Sequence as Seq
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..model.paged_cache import blocks_needed
 from ..model.params import Params
-from .cache import DEFAULT_BLOCK_SIZE, KVCache, init_cache
+from .cache import DEFAULT_BLOCK_SIZE, KVCache
 from .handle import RequestHandle
-from .prefix_cache import admit, publish, release
 from .prefix_cache import stats as index_stats
-from .request import MAX_STOP_IDS, FinishReason, GenerateError, SamplingOptions, check_prompt, check_room
-from .sampling import SamplingParams
-from .scheduler import Phase, Scheduler, Sequence
+from .request import FinishReason, GenerateError, SamplingOptions, check_prompt, check_room
+from .runner import JITTED, Runner, StepResult
+from .scheduler import Phase, Scheduler, Sequence, StepPlan
 from .shapes import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_DECODE_STEPS,
@@ -50,19 +49,24 @@ from .shapes import (
     DEFAULT_MAX_SLOTS,
     MIN_CHUNK,
     chunk_widths,
-    row_bucket,
     row_buckets,
 )
-from .steps import DecodeResult, decode, install, mixed, namespace_of, request_keys, to_host
 
 log = logging.getLogger(__name__)
 
-JITTED_STEPS = (mixed, decode, install, admit, publish, release)
+@dataclasses.dataclass
+class _Launched:
+    """A step started on the device: its plan, its results (not fetched; None when it ran
+    nothing), and which of its chunk rows completed their prompt."""
+
+    plan: StepPlan
+    out: jax.Array | None
+    completed: list[bool]
 
 
 def compilations() -> int:
     """Programs compiled so far for the engine's steps (a count tests compare before and after)."""
-    return sum(f._cache_size() for f in JITTED_STEPS)
+    return sum(f._cache_size() for f in JITTED)
 
 
 class Engine:
@@ -73,7 +77,7 @@ class Engine:
     cache (default: every slot full). chunk_size: prompt tokens per step. decode_steps: decode
     tokens per step when no prompt is being prefilled (tokens reach readers in groups of up to
     this many; while one is, each step decodes one token per request). prefix_cache False:
-    no request reuses another's blocks (each gets its own namespace; for measuring the cache).
+    nothing is cached or reused (the index only allocates; for measuring the cache).
     """
 
     def __init__(self, params: Params, *, max_slots: int = DEFAULT_MAX_SLOTS,
@@ -88,15 +92,13 @@ class Engine:
         if decode_steps < 1:
             raise GenerateError(f"decode_steps must be >= 1, got {decode_steps}")
         self.params = params
-        self.cache: KVCache = init_cache(params, max_slots, max_length, block_size=block_size,
-                                         num_blocks=num_blocks, pool_bytes=pool_bytes)
-        self._geometry = dict(batch_size=max_slots, max_length=max_length, block_size=block_size,
-                              num_blocks=self.cache.num_blocks)
-        self.max_slots, self.max_length = max_slots, self.cache.max_length
+        self._runner = Runner(params, max_slots, max_length, decode_steps, block_size=block_size,
+                              num_blocks=num_blocks, pool_bytes=pool_bytes, prefix_cache=prefix_cache)
+        self.max_slots, self.max_length = max_slots, self._runner.max_length
         self.chunk_size, self.decode_steps = chunk_size, decode_steps
-        self._namespace = namespace_of(params.weights)
         self.prefix_cache = prefix_cache
-        self._scheduler = Scheduler(max_slots, chunk_size, block_size)
+        self._scheduler = Scheduler(max_slots, chunk_size, block_size, self.cache.num_blocks,
+                                    decode_steps, share_prefixes=prefix_cache)
         self._ids = itertools.count()
         self._step_lock = threading.RLock()
         self._wake = threading.Event()
@@ -104,6 +106,15 @@ class Engine:
         self._stopping = False
         self._counters = collections.Counter()
         self._finished: collections.deque[RequestHandle] = collections.deque(maxlen=2048)
+
+    @property
+    def cache(self) -> KVCache:
+        """The engine's KV cache (pools, block tables, prefix index)."""
+        return self._runner.cache
+
+    @cache.setter
+    def cache(self, cache: KVCache) -> None:
+        self._runner.cache = cache
 
     # -- submitting --------------------------------------------------------------------------------
 
@@ -124,11 +135,7 @@ class Engine:
                 f"the request needs {blocks} KV blocks but the engine's pool has "
                 f"{self.cache.num_blocks}; give the Engine more num_blocks or pool_bytes", "max_tokens")
         handle = RequestHandle(self, next(self._ids), prompt)
-        key = np.asarray(request_keys([options.seed])[0])
-        namespace = self._namespace if self.prefix_cache else self._namespace ^ jnp.uint32(
-            (handle.id * 0x9E3779B1 + 1) & 0xFFFFFFFF)
-        self._scheduler.add(Sequence(handle, np.asarray(prompt, np.int32), options, key, blocks,
-                                     namespace))
+        self._scheduler.add(Sequence(handle, np.asarray(prompt, np.int32), options, blocks))
         self._wake.set()
         return handle
 
@@ -180,172 +187,91 @@ class Engine:
         self.stop()
 
     def _loop(self) -> None:
+        """The background loop runs one step ahead: it launches step n + 1 before it fetches and
+        delivers step n, so the host's work (delivery, planning, dispatch) overlaps the device's.
+        A request that ended in step n may still sit in step n + 1's rows: the device already
+        counts it as done (its budget is spent), and its results there are ignored."""
+        pending: _Launched | None = None
         while True:
-            if self._stopping and not self._scheduler.has_work():
-                return
-            if not self.step():
+            with self._step_lock:
+                if self._stopping and pending is None and not self._scheduler.has_work():
+                    return
+                launched = self._launch()
+                if pending is not None:
+                    self._finish(pending)
+                pending = launched
+            if pending is None:
                 self._wake.wait(0.05)
                 self._wake.clear()
 
     def step(self) -> bool:
-        """One scheduler step (see the module docstring). Returns whether there was work."""
+        """One scheduler step (see the module docstring), its tokens delivered before it returns.
+        Returns whether there was work."""
         with self._step_lock:
-            self._end_cancelled()
-            if not self._scheduler.has_work():
-                return False
-            try:
-                decoding = self._scheduler.decoding()
-                rows, width = self._scheduler.plan_prefill(self._admit)
-                if rows:
-                    self._mixed(rows, width, decoding)
-                elif decoding:
-                    self._decode(decoding, self.decode_steps)
-                self._counters["steps"] += 1
-            except Exception as err:  # noqa: BLE001 -- the engine must outlive any one failure
-                self._recover(err)
-            return True
+            launched = self._launch()
+            if launched is not None:
+                self._finish(launched)
+            return launched is not None
 
-    # -- the step's parts --------------------------------------------------------------------------
+    # -- a step: launched on the device, then finished on the host ---------------------------------
 
-    def _admit(self, seq: Sequence, slot: int) -> bool:
-        """Looks up the request's cached prefix and reserves its blocks in `slot`; False (nothing
-        changed) when the pool cannot hold it now."""
-        cache = self.cache
-        tokens = np.zeros((1, self.max_length), np.int32)
-        tokens[0, :len(seq.prompt)] = seq.prompt
-        index, table, hit, ok = admit(cache.index, jnp.zeros((1, cache.block_table.shape[1]), jnp.int32),
-                                      jnp.asarray(tokens), jnp.asarray([len(seq.prompt)], jnp.int32),
-                                      jnp.asarray([seq.blocks], jnp.int32), seq.namespace)
-        if not bool(to_host(ok)):
-            return False
-        cached = int(to_host(hit)[0])
-        self.cache = install(dataclasses.replace(cache, index=index), jnp.asarray([slot], jnp.int32),
-                             table, jnp.asarray([cached], jnp.int32))
-        seq.table = to_host(table)[0]
-        seq.pos = seq.kv_len = cached
-        seq.handle.cached_tokens = cached
-        return True
+    def _launch(self) -> "_Launched | None":
+        """Ends cancelled requests, admits waiting ones, plans the step and starts it on the
+        device (not waiting for it); prompt positions advance at once. None: nothing to do."""
+        self._end_cancelled()
+        if not self._scheduler.has_work():
+            return None
+        try:
+            admitted = self._scheduler.admit()
+            if admitted:
+                for seq, hit in zip(admitted, self._runner.admit(admitted)):
+                    seq.pos = seq.handle.cached_tokens = hit
+            plan = self._scheduler.plan()
+            out = None if plan.empty else self._runner.launch(plan)
+            for seq, n in plan.prefill:
+                self._scheduler.prefilled(seq, n)
+                self._counters["prefill_tokens"] += n
+            self._counters["steps"] += 1
+            return _Launched(plan, out, [seq.prompt_left == 0 for seq, _ in plan.prefill])
+        except Exception as err:  # noqa: BLE001 -- the engine must outlive any one failure
+            self._recover(err)
+            return _Launched(StepPlan(), None, [])
 
-    def _slot_ids(self, seqs: list[Sequence], rows: int) -> np.ndarray:
-        """[rows] slot ids of `seqs`, padded with an out-of-range id (that row's work is dropped)."""
-        ids = np.full((rows,), self.max_slots, np.int32)
-        ids[:len(seqs)] = [s.slot for s in seqs]
-        return ids
-
-    def _sampling(self, *groups: tuple[list[Sequence], int]) -> tuple[SamplingParams, jax.Array]:
-        """Per-row sampling settings and request keys of `groups` of (sequences, rows) laid one
-        after another, each padded to its rows with greedy rows."""
-        n = sum(rows for _, rows in groups)
-        temperature, top_k, top_p = np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32)
-        keys = np.zeros((n, 2), np.uint32)
-        start = 0
-        for seqs, rows in groups:
-            for i, s in enumerate(seqs, start):
-                o = s.options
-                temperature[i], top_k[i], top_p[i], keys[i] = o.temperature, o.top_k, o.top_p, s.key
-            start += rows
-        return SamplingParams.make(temperature, top_k, top_p), jnp.asarray(keys)
-
-    def _chunk(self, rows: list[tuple[Sequence, int]], width: int, pad_rows: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The step's prompt chunk: tokens [P, width], real tokens per row [P], slot ids [P], with
-        P the row bucket of len(rows), at least `pad_rows`."""
-        p = row_bucket(max(len(rows), pad_rows), self.max_slots)
-        chunk = np.zeros((p, width), np.int32)
-        num_new = np.zeros((p,), np.int32)
-        for i, (seq, n) in enumerate(rows):
-            chunk[i, :n] = seq.prompt[seq.pos:seq.pos + n]
-            num_new[i] = n
-        return chunk, num_new, self._slot_ids([s for s, _ in rows], p)
-
-    def _prefilled(self, rows: list[tuple[Sequence, int]], first: jax.Array) -> None:
-        """After a chunk: advances and publishes each row; a row whose prompt is done takes its
-        first token (from `first` [P], read only when one is needed) and starts decoding."""
-        for seq, n in rows:
-            seq.pos += n
-            seq.kv_len = seq.pos
-            self._publish(seq)
-        self._counters["prefill_tokens"] += sum(n for _, n in rows)
-        if not any(seq.prompt_left == 0 for seq, _ in rows):
+    def _finish(self, launched: "_Launched") -> None:
+        """Fetches a launched step's results (one transfer), delivers its tokens and ends the
+        requests that finished: the chunk's rows whose prompt it completed (their first token),
+        then the decode rows. Requests that ended meanwhile (cancelled) are skipped."""
+        if launched.out is None:
             return
-        tokens = to_host(first)
-        for i, (seq, _) in enumerate(rows):
-            if seq.prompt_left:
-                continue
-            self._scheduler.prefill_done(seq)
-            token = int(tokens[i])
-            finish = seq.options.first_token_finish(token)
-            if finish is not FinishReason.STOP:
-                seq.last = token
-                self._emit(seq, [token])
-            if finish is not None:
-                self._end(seq, finish)
+        plan = launched.plan
+        try:
+            result = StepResult.fetch(launched.out)
+            for i, (seq, _) in enumerate(plan.prefill):
+                if launched.completed[i] and seq.phase is not Phase.ENDED:
+                    self._delivered(seq, result, i)
+            first = len(result.rows) - (self.max_slots if plan.prefill else len(result.rows))
+            for i, seq in enumerate(plan.decode, first):
+                if seq.phase is not Phase.ENDED:
+                    self._counters["decode_tokens"] += self._delivered(seq, result, i)
+        except Exception as err:  # noqa: BLE001
+            self._recover(err)
 
-    def _decode_rows(self, seqs: list[Sequence], rows: int) -> dict[str, np.ndarray]:
-        """The decode inputs of `seqs` padded to `rows`: last token, tokens so far, budget, stops."""
-        token, counts, budget = np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-        stops = np.full((rows, MAX_STOP_IDS), -1, np.int32)
-        for i, s in enumerate(seqs):
-            token[i], counts[i], budget[i] = s.last, len(s.tokens), s.options.max_tokens
-            stops[i] = s.options.stop_row()
-        return dict(token=token, counts=counts, max_tokens=budget, stop_ids=stops)
-
-    def _decode(self, seqs: list[Sequence], max_steps: int) -> None:
-        r = row_bucket(len(seqs), self.max_slots)
-        inputs = self._decode_rows(seqs, r)
-        sampling, keys = self._sampling((seqs, r))
-        steps = min(max_steps, int((inputs["max_tokens"] - inputs["counts"]).max()))
-        result, self.cache = decode(self.params, self.cache, jnp.asarray(self._slot_ids(seqs, r)),
-                                    inputs["token"], inputs["counts"], inputs["max_tokens"], sampling,
-                                    keys, inputs["stop_ids"], jnp.int32(steps), out_len=self.decode_steps)
-        self._decoded(seqs, inputs["counts"], result)
-
-    def _mixed(self, rows: list[tuple[Sequence, int]], width: int, decoding: list[Sequence],
-               pad_rows: int = 1) -> None:
-        """One chunk of `rows` and one token for every decoding row (maybe none) in a single
-        forward pass (steps.mixed). The decode part is always max_slots rows wide (padding rows
-        cost a token of matmul each), so there is one program per chunk shape."""
-        chunk, num_new, slots = self._chunk(rows, width, pad_rows)
-        inputs = self._decode_rows(decoding, self.max_slots)
-        sampling, keys = self._sampling(([s for s, _ in rows], len(slots)), (decoding, self.max_slots))
-        first, result, self.cache = mixed(
-            self.params, self.cache, jnp.asarray(slots), jnp.asarray(chunk), jnp.asarray(num_new),
-            jnp.asarray(self._slot_ids(decoding, self.max_slots)), inputs["token"], inputs["counts"],
-            inputs["max_tokens"], sampling, keys, inputs["stop_ids"])
-        self._decoded(decoding, inputs["counts"], result)
-        self._prefilled(rows, first)
-
-    def _decoded(self, seqs: list[Sequence], counts: np.ndarray, result: DecodeResult) -> None:
-        """Delivers a decode call's new tokens and ends the rows that finished."""
-        out, new_counts, done, stopped, lengths, last = (to_host(x) for x in (
-            result.out, result.counts, result.done, result.stopped, result.lengths, result.token))
-        for i, seq in enumerate(seqs):
-            n = int(new_counts[i] - counts[i])
-            seq.kv_len, seq.last = int(lengths[i]), int(last[i])
-            self._counters["decode_tokens"] += n
-            self._emit(seq, out[i, :n].tolist())
-            if done[i]:
-                self._end(seq, FinishReason.STOP if stopped[i] else FinishReason.LENGTH)
-
-    def _emit(self, seq: Sequence, tokens: list[int]) -> None:
-        """New tokens of a request: its own record, then its caller's handle."""
+    def _delivered(self, seq: Sequence, result: StepResult, i: int) -> int:
+        """Hands row `i`'s new tokens to the request (ending it if it is done); returns how many."""
+        tokens = result.tokens(i)
         seq.tokens.extend(tokens)
         seq.handle.deliver(tokens)
-
-    def _publish(self, seq: Sequence) -> None:
-        """Registers the request's written full blocks in the prefix index."""
-        self.cache = dataclasses.replace(self.cache, index=publish(
-            self.cache.index, jnp.asarray(seq.table[None]), jnp.asarray(seq.written(self.max_length)[None]),
-            jnp.asarray([seq.kv_len], jnp.int32), seq.namespace))
+        if result.done(i):
+            self._end(seq, FinishReason.STOP if result.stopped(i) else FinishReason.LENGTH)
+        return len(tokens)
 
     def _end(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
         """Ends a request: publishes what it wrote, releases its blocks, frees its slot."""
-        if seq.table is not None and not any(x.is_deleted() for x in jax.tree.leaves(self.cache)):
-            self._publish(seq)
-            self.cache = dataclasses.replace(self.cache, index=release(
-                self.cache.index, jnp.asarray(seq.table[None]), jnp.asarray([seq.blocks], jnp.int32)))
+        if seq.phase is Phase.ENDED:
+            return
+        if seq.phase is not Phase.WAITING and not self._runner.lost:
+            self._runner.free(seq)
         self._scheduler.remove(seq)
-        seq.table = None
         seq.handle.deliver([], reason, error)
         self._finished.append(seq.handle)
         self._counters[f"finished_{reason.value}"] += 1
@@ -361,11 +287,11 @@ class Engine:
         the cache with it (a donated buffer), every running request does and the cache is rebuilt."""
         log.exception("engine step failed")
         message = f"{type(err).__name__}: {err}"
-        lost = any(x.is_deleted() for x in jax.tree.leaves(self.cache))
+        lost = self._runner.lost
         for seq in self._scheduler.active():
             self._end(seq, FinishReason.ERROR, message)
         if lost:
-            self.cache = init_cache(self.params, **self._geometry)
+            self._runner.reset()
 
     # -- observing ---------------------------------------------------------------------------------
 
@@ -424,25 +350,10 @@ class Engine:
 
     def _warmup_programs(self) -> list[Callable[[], None]]:
         """One thunk per program shape; each runs it on padding only (nothing is written)."""
+        runner = self._runner
         programs: list[Callable[[], None]] = [
-            functools.partial(self._mixed, [], width, [], pad_rows=rows)
+            functools.partial(runner.warm_mixed, rows, width)
             for width in chunk_widths(self.chunk_size)
             for rows in row_buckets(min(self.max_slots, self.chunk_size // width))]
-        programs += [functools.partial(self._decode_padding, rows) for rows in row_buckets(self.max_slots)]
-        return programs + [self._index_padding]
-
-    def _decode_padding(self, rows: int) -> None:
-        zeros = jnp.zeros((rows,), jnp.int32)
-        _, self.cache = decode(self.params, self.cache, jnp.full((rows,), self.max_slots, jnp.int32),
-                               zeros, zeros, zeros, *self._sampling(([], rows)),
-                               jnp.full((rows, MAX_STOP_IDS), -1, jnp.int32), jnp.int32(1),
-                               out_len=self.decode_steps)
-
-    def _index_padding(self) -> None:
-        """Admission, install, publish and release of nothing: the index stays as it was."""
-        empty = jnp.zeros((1, self.cache.block_table.shape[1]), jnp.int32)
-        tokens, none = jnp.zeros((1, self.max_length), jnp.int32), jnp.zeros((1,), jnp.int32)
-        _, table, _, _ = admit(self.cache.index, empty, tokens, none, none, self._namespace)
-        self.cache = install(self.cache, jnp.full((1,), self.max_slots, jnp.int32), table, none)
-        publish(self.cache.index, empty, tokens, none, self._namespace)
-        release(self.cache.index, empty, none)
+        programs += [functools.partial(runner.warm_decode, rows) for rows in row_buckets(self.max_slots)]
+        return programs + [runner.warm_admission]

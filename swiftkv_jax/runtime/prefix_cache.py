@@ -29,7 +29,9 @@ NO_PARENT = -1
 class PrefixIndex:
     """Per-block metadata of the pool ([num_blocks] unless noted) plus counters.
 
-    `hash_mask` narrows hashes (tests force collisions with a tiny range).
+    `hash_mask` narrows hashes (tests force collisions with a tiny range). With `enabled` False
+    the index only allocates: lookups find nothing and publish registers nothing, so every block
+    is free again when its request ends (the prefix cache switched off, e.g. to measure it).
     """
 
     block_hash: jax.Array  # uint32
@@ -46,16 +48,20 @@ class PrefixIndex:
     clock: jax.Array  # [] int32, +1 per request
     counters: jax.Array  # [3] int32: query tokens, hit tokens, evictions
     hash_mask: int = dataclasses.field(default=0xFFFFFFFF, metadata=dict(static=True))
+    enabled: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
 
-def empty_index(num_blocks: int, block_size: int, hash_mask: int = 0xFFFFFFFF) -> PrefixIndex:
-    """An index over `num_blocks` pool blocks with nothing cached (init_cache makes one)."""
+def empty_index(num_blocks: int, block_size: int, hash_mask: int = 0xFFFFFFFF,
+                enabled: bool = True) -> PrefixIndex:
+    """An index over `num_blocks` pool blocks with nothing cached (init_cache makes one); with
+    `enabled` False it never caches (see PrefixIndex)."""
     zeros = lambda dtype=jnp.int32: jnp.zeros((num_blocks,), dtype)
     return PrefixIndex(block_hash=zeros(U32), block_tokens=jnp.zeros((num_blocks, block_size), jnp.int32),
                        block_parent=zeros(), block_parent_gen=zeros(), block_gen=zeros(),
                        block_depth=zeros(), block_namespace=zeros(U32),
                        registered=zeros(jnp.bool_), ref_count=zeros(), last_used=zeros(),
-                       clock=jnp.int32(0), counters=jnp.zeros((3,), jnp.int32), hash_mask=hash_mask)
+                       clock=jnp.int32(0), counters=jnp.zeros((3,), jnp.int32), hash_mask=hash_mask,
+                       enabled=enabled)
 
 
 def _mix(h: jax.Array, x: jax.Array) -> jax.Array:
@@ -155,7 +161,7 @@ def admit(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, prompt_le
     def row(carry, xs):
         idx, ok = carry
         toks, length, needed = xs
-        max_hit = jnp.where(length > 0, (length - 1) // block_size, 0)
+        max_hit = jnp.where((length > 0) & idx.enabled, (length - 1) // block_size, 0)
         n_hit, hit_ids = lookup(idx, toks, max_hit, block_size, namespace)
         j = jnp.arange(per_row)
         is_hit = j < n_hit
@@ -195,6 +201,8 @@ def publish(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, lengths
     their KV in the cache. A block already registered (by this row earlier, or first by another
     row that computed the same tokens) stays the chain's block. References are left as they are.
     """
+    if not idx.enabled:
+        return idx
     block_size = tokens.shape[1] // block_table.shape[1]
 
     def row(idx, xs):

@@ -1,10 +1,16 @@
-"""The engine's host-side bookkeeping: the FCFS queue, the slots, and what each step runs.
+"""The engine's host-side bookkeeping: the FCFS queue, the slots, the pool's blocks, and a plan
+for each step. Pure Python over small numpy arrays: no JAX here, so it is tested on plans alone.
 
-Pure Python over small numpy arrays: no JAX here. Each step the scheduler picks the prefill rows
-(requests already prefilling first, then waiting ones admitted into free slots while the step's
-token budget, `chunk_size`, has room) and the decode rows (every slot past its prefill). A waiting
-request whose prompt shares full blocks with a prompt still being prefilled waits until those
-blocks are written and published, so it reuses them instead of computing them again.
+A step is planned in two parts, each a plain value the runner executes (vLLM's scheduler output):
+  * `admit()`: waiting requests that get a free slot now, first come first served, while the
+    pool has room for their blocks (counted on the host: every block a running request reserved
+    counts, so the device's admission always succeeds) and the step's token budget (`chunk_size`)
+    has room for their prompts. A request whose prompt shares full blocks with a prompt still
+    being prefilled waits until those are written and published, so it reuses them instead of
+    computing them again.
+  * `plan()`, once the admitted requests' cached prefixes are known: the prefill chunk's rows
+    (requests prefilling, in admission order, while the budget has room) and the decode rows
+    (every slot past its prefill), and how many decode steps to run.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import collections
 import dataclasses
 import enum
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +31,7 @@ class Phase(enum.Enum):
     WAITING = "waiting"
     PREFILL = "prefill"
     DECODE = "decode"
+    ENDED = "ended"
 
 
 @dataclasses.dataclass(eq=False)
@@ -34,36 +41,43 @@ class Sequence:
     handle: Any                # the caller's record of it (the engine's business, never read here)
     prompt: np.ndarray         # int32 token ids
     options: SamplingOptions   # checked: seed and stop ids filled in
-    key: np.ndarray            # [2] uint32, the request's PRNG key
     blocks: int                # KV blocks it reserves: prompt + max_tokens
-    namespace: Any             # [] uint32: the prefix-index namespace its blocks live in
     phase: Phase = Phase.WAITING
     slot: int = -1
-    table: np.ndarray | None = None  # its block table, from admission
     pos: int = 0               # prompt tokens with their K/V in the cache
-    kv_len: int = 0            # all its tokens with their K/V in the cache
-    last: int = 0              # its last token (the next decode input)
     tokens: list[int] = dataclasses.field(default_factory=list)  # produced so far (output only)
 
     @property
     def prompt_left(self) -> int:
         return len(self.prompt) - self.pos
 
-    def written(self, max_length: int) -> np.ndarray:
-        """[max_length] int32: its prompt and generated tokens, zero padded."""
-        row = np.zeros((max_length,), np.int32)
-        seq = np.concatenate([self.prompt, np.asarray(self.tokens, np.int32)])[:max_length]
-        row[:len(seq)] = seq
-        return row
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """One step's device work: a prefill chunk of `width` tokens per row (`prefill`: the request
+    and how many of its prompt tokens run) with one decode token for every `decode` row, or, with
+    no prefill rows, `decode_steps` decode steps for the `decode` rows."""
+
+    prefill: tuple[tuple[Sequence, int], ...] = ()
+    width: int = 0
+    decode: tuple[Sequence, ...] = ()
+    decode_steps: int = 1
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
 
 
 class Scheduler:
-    """Which requests wait, which slots they hold, and which rows each step runs."""
+    """Which requests wait, which slots and blocks they hold, and what each step runs."""
 
-    def __init__(self, max_slots: int, chunk_size: int, block_size: int):
+    def __init__(self, max_slots: int, chunk_size: int, block_size: int, num_blocks: int,
+                 decode_steps: int = 1, share_prefixes: bool = True):
         self.max_slots, self.chunk_size, self.block_size = max_slots, chunk_size, block_size
+        self.num_blocks, self.decode_steps, self.share_prefixes = num_blocks, decode_steps, share_prefixes
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.slots: list[Sequence | None] = [None] * max_slots
+        self.reserved = 0  # blocks reserved by the requests holding slots
         self._prefilling: list[Sequence] = []  # in admission order
         self.lock = threading.Lock()  # guards `waiting` (submit runs on callers' threads)
 
@@ -96,61 +110,76 @@ class Scheduler:
 
     def _waits_for_shared_prefix(self, seq: Sequence) -> bool:
         """Whether a prompt being prefilled will soon publish blocks this one could reuse."""
+        if not self.share_prefixes:
+            return False
         for other in self._prefilling:
-            if other.namespace is not seq.namespace:
-                continue
             shared = self._shared_blocks(seq.prompt, other.prompt)
             if shared and other.pos < shared * self.block_size:
                 return True
         return False
 
-    def plan_prefill(self, admit: Callable[[Sequence, int], bool]) -> tuple[list[tuple[Sequence, int]], int]:
-        """This step's prefill rows [(request, tokens)] and the chunk width.
-
-        Rows share one width (a power-of-two bucket of the first row's remaining prompt, at most
-        chunk_size) and their number is bucketed, so rows * width never exceeds the budget.
-        `admit(seq, slot)` gives a waiting request its blocks; False (the pool is full) stops
-        admission for this step, first come first served.
-        """
+    def _chunk_rows(self, seqs: list[Sequence]) -> tuple[list[tuple[Sequence, int]], int]:
+        """The rows of `seqs` (in order) one chunk holds, with how many prompt tokens each runs,
+        and the chunk width. Rows share one width (a power-of-two bucket of the first row's
+        remaining prompt, at most chunk_size) and their number is bucketed, so rows * width never
+        exceeds the budget."""
         rows: list[tuple[Sequence, int]] = []
         width = 0
-
-        def room() -> bool:
-            return not rows or pow2_at_least(len(rows) + 1) * width <= self.chunk_size
-
-        def take(seq: Sequence) -> None:
-            nonlocal width
+        for seq in seqs:
             if not rows:
                 width = chunk_bucket(min(seq.prompt_left, self.chunk_size), self.chunk_size)
-            rows.append((seq, min(seq.prompt_left, width)))
-
-        for seq in self._prefilling:
-            if not room():
+            elif pow2_at_least(len(rows) + 1) * width > self.chunk_size:
                 break
-            take(seq)
-        while room():
+            rows.append((seq, min(seq.prompt_left, width)))
+        return rows, width
+
+    def admit(self) -> list[Sequence]:
+        """Waiting requests that take a free slot this step (their `slot` is set; first come first
+        served): while a slot is free, the pool has room for their blocks, and this step's chunk
+        has room for their prompts as far as the host knows them (a cached prefix found at
+        admission only shortens a prompt). The runner then looks up their cached prefixes."""
+        admitted: list[Sequence] = []
+        while True:
             with self.lock:
                 seq = self.waiting[0] if self.waiting else None
             slot = self._free_slot()
-            if seq is None or slot is None or self._waits_for_shared_prefix(seq):
+            if (seq is None or slot is None or self.reserved + seq.blocks > self.num_blocks
+                    or self._waits_for_shared_prefix(seq)):
                 break
-            if not admit(seq, slot):
+            rows, _ = self._chunk_rows(self._prefilling + [seq])
+            if rows[-1][0] is not seq:
                 break
             with self.lock:
                 self.waiting.popleft()
             seq.phase, seq.slot = Phase.PREFILL, slot
             self.slots[slot] = seq
+            self.reserved += seq.blocks
             self._prefilling.append(seq)
-            take(seq)
-        return rows, width
+            admitted.append(seq)
+        return admitted
 
-    def prefill_done(self, seq: Sequence) -> None:
-        """The request's prompt is all in the cache: it decodes from now on."""
-        self._prefilling.remove(seq)
-        seq.phase = Phase.DECODE
+    def plan(self) -> StepPlan:
+        """This step's rows, once every admitted request's position is known: a chunk of the
+        prefilling requests with a decode token for each decoding one, or, when none prefills,
+        up to `decode_steps` decode steps (never more than a row still needs)."""
+        rows, width = self._chunk_rows(self._prefilling)
+        decoding = tuple(self.decoding())
+        if rows:
+            return StepPlan(tuple(rows), width, decoding, 1)
+        need = max((s.options.max_tokens - len(s.tokens) for s in decoding), default=0)
+        return StepPlan(decode=decoding, decode_steps=max(1, min(self.decode_steps, need)))
+
+    def prefilled(self, seq: Sequence, n: int) -> None:
+        """`n` more prompt tokens of the request are in the cache; with the whole prompt there,
+        it decodes from now on."""
+        seq.pos += n
+        if not seq.prompt_left:
+            self._prefilling.remove(seq)
+            seq.phase = Phase.DECODE
 
     def remove(self, seq: Sequence) -> None:
         """Takes the request out of the queue or its slot (it ended)."""
+        seq.phase = Phase.ENDED
         with self.lock:
             if seq in self.waiting:
                 self.waiting.remove(seq)
@@ -158,3 +187,4 @@ class Scheduler:
             self._prefilling.remove(seq)
         if 0 <= seq.slot < self.max_slots and self.slots[seq.slot] is seq:
             self.slots[seq.slot] = None
+            self.reserved -= seq.blocks

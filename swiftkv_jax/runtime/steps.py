@@ -9,8 +9,7 @@ every step, so XLA updates the pools in place.
   prefill:      one chunk of prompt tokens per row, after what the row already holds
   first_tokens: the first token of each row from its last prefill logits
   decode:       up to `steps` tokens per row in one lax.while_loop (the whole decode in XLA)
-  mixed:        a prefill chunk and one decode token for every running row in one forward pass
-  install:      puts admitted rows' block tables and cached-prefix lengths into their slots
+The engine's own programs over its per-slot state (runner.py) are built from the same parts.
 """
 
 from __future__ import annotations
@@ -93,6 +92,37 @@ class DecodeResult:
     lengths: jax.Array  # [R] tokens with their K/V in the row's cache
 
 
+def decode_start(cache: KVCache, slots: jax.Array, token: jax.Array, counts: jax.Array,
+                 max_tokens: jax.Array, out_len: int) -> DecodeState:
+    """The decode loop's state before its first step (rows that cannot decode are done)."""
+    return DecodeState(jnp.int32(0), token, counts, finished(cache.rows(slots), counts, max_tokens),
+                       jnp.zeros(token.shape, bool), jnp.zeros(token.shape + (out_len,), jnp.int32),
+                       cache)
+
+
+def decode_step(params: Params, slots: jax.Array, max_tokens: jax.Array, sampling: SamplingParams,
+                request_keys: jax.Array, stop_ids: jax.Array, s: DecodeState) -> DecodeState:
+    """One decode token for every row that is not done: forward, sample, stop checks."""
+    logits, new = forward_packed(params, s.cache, [(slots, s.token[:, None], (~s.done).astype(jnp.int32))])
+    tok = sample(logits, token_keys(request_keys, s.counts), sampling)
+    r = advance(s.done, tok, s.token, s.counts, s.stopped, stop_ids, max_tokens,
+                 new.rows(slots).lengths, new.max_length)
+    return DecodeState(s.step + 1, r.token, r.counts, r.done, r.stopped,
+                       s.out.at[:, s.step].set(r.out[:, 0]), new)
+
+
+def decode_loop(params: Params, cache: KVCache, slots: jax.Array, token: jax.Array,
+                counts: jax.Array, max_tokens: jax.Array, sampling: SamplingParams,
+                request_keys: jax.Array, stop_ids: jax.Array, steps: jax.Array, out_len: int
+                ) -> DecodeState:
+    """Up to `steps` (<= out_len) decode steps in one lax.while_loop that ends early when every
+    row is done (see `decode`); returns the loop's final state."""
+    steps = jnp.minimum(steps, out_len)
+    step = functools.partial(decode_step, params, slots, max_tokens, sampling, request_keys, stop_ids)
+    return jax.lax.while_loop(lambda s: (s.step < steps) & ~jnp.all(s.done), step,
+                              decode_start(cache, slots, token, counts, max_tokens, out_len))
+
+
 @functools.partial(jax.jit, donate_argnames=("cache",), static_argnames=("out_len",))
 def decode(params: Params, cache: KVCache, slots: jax.Array | None, token: jax.Array,
            counts: jax.Array, max_tokens: jax.Array, sampling: SamplingParams,
@@ -106,35 +136,19 @@ def decode(params: Params, cache: KVCache, slots: jax.Array | None, token: jax.A
     `max_tokens` [R] produced (0 for padding rows), or when its cache row is full.
     """
     slots = _all_rows(cache, slots)
-    steps = jnp.minimum(steps, out_len)
-
-    def cond(s: DecodeState) -> jax.Array:
-        return (s.step < steps) & ~jnp.all(s.done)
-
-    def body(s: DecodeState) -> DecodeState:
-        logits, new = forward_packed(params, s.cache, [(slots, s.token[:, None],
-                                                        (~s.done).astype(jnp.int32))])
-        tok = sample(logits, token_keys(request_keys, s.counts), sampling)
-        r = _advance(s.done, tok, s.token, s.counts, s.stopped, stop_ids, max_tokens,
-                     new.rows(slots).lengths, new.max_length)
-        return DecodeState(s.step + 1, r.token, r.counts, r.done, r.stopped,
-                           s.out.at[:, s.step].set(r.out[:, 0]), new)
-
-    start = DecodeState(jnp.int32(0), token, counts, _finished(cache.rows(slots), counts, max_tokens),
-                        jnp.zeros(token.shape, bool), jnp.zeros(token.shape + (out_len,), jnp.int32),
-                        cache)
-    end = jax.lax.while_loop(cond, body, start)
+    end = decode_loop(params, cache, slots, token, counts, max_tokens, sampling, request_keys,
+                      stop_ids, steps, out_len)
     result = DecodeResult(end.out, end.counts, end.token, end.done, end.stopped,
                           end.cache.rows(slots).lengths)
     return result, end.cache
 
 
-def _finished(rows: KVCache, counts: jax.Array, max_tokens: jax.Array) -> jax.Array:
+def finished(rows: KVCache, counts: jax.Array, max_tokens: jax.Array) -> jax.Array:
     """[R] rows that cannot decode: their cache row is full or their token budget spent."""
     return (rows.lengths >= rows.max_length) | (counts >= max_tokens)
 
 
-def _advance(done: jax.Array, tok: jax.Array, last: jax.Array, counts: jax.Array,
+def advance(done: jax.Array, tok: jax.Array, last: jax.Array, counts: jax.Array,
              stopped: jax.Array, stop_ids: jax.Array, max_tokens: jax.Array, lengths: jax.Array,
              capacity: int) -> DecodeResult:
     """The rows after one decode step sampled `tok` [R]: a stop id ends a row and is not output;
@@ -145,31 +159,6 @@ def _advance(done: jax.Array, tok: jax.Array, last: jax.Array, counts: jax.Array
     done = done | stop | (counts >= max_tokens) | (lengths >= capacity)
     return DecodeResult(jnp.where(emit, tok, 0)[:, None], counts, jnp.where(emit, tok, last), done,
                         stopped | stop, lengths)
-
-
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def mixed(params: Params, cache: KVCache, chunk_slots: jax.Array, chunk: jax.Array,
-          num_new: jax.Array, decode_slots: jax.Array, token: jax.Array, counts: jax.Array,
-          max_tokens: jax.Array, sampling: SamplingParams, request_keys: jax.Array,
-          stop_ids: jax.Array) -> tuple[jax.Array, DecodeResult, KVCache]:
-    """A prefill chunk [P, W] for rows `chunk_slots` and one decode step for rows `decode_slots`
-    [R], in one forward pass (forward_packed): the running requests' next tokens ride along with
-    the chunk instead of costing a pass of their own (chunked prefill as in vLLM/Sarathi-Serve).
-
-    Decode arguments as in `decode`; `sampling` and `request_keys` cover the P chunk rows, then
-    the R decode rows. Returns (each chunk row's first token [P], sampled from its last logits:
-    meaningful where the chunk ends its prompt), the decode rows' result (out [R, 1]), the cache.
-    """
-    p = chunk.shape[0]
-    done = _finished(cache.rows(decode_slots), counts, max_tokens)
-    logits, cache = forward_packed(params, cache, [(chunk_slots, chunk, num_new),
-                                                   (decode_slots, token[:, None], (~done).astype(jnp.int32))])
-    index = jnp.concatenate([jnp.zeros((p,), jnp.int32), counts])
-    tok = sample(logits, token_keys(request_keys, index), sampling)
-    lengths = cache.rows(decode_slots).lengths
-    result = _advance(done, tok[p:], token, counts, jnp.zeros_like(done), stop_ids, max_tokens,
-                      lengths, cache.max_length)
-    return tok[:p], result, cache
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -191,11 +180,3 @@ def request_keys(seeds, rows=None) -> jax.Array:
     seeds = np.asarray(seeds, np.int64) % (1 << 32)
     rows = np.zeros(len(seeds), np.int32) if rows is None else np.asarray(rows, np.int32)
     return _request_keys(jnp.asarray(seeds.astype(np.uint32)), jnp.asarray(rows))
-
-
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def install(cache: KVCache, slots: jax.Array, tables: jax.Array, cached: jax.Array) -> KVCache:
-    """Rows `slots` [P] get block tables `tables` [P, blocks_per_row] (from admit) and lengths
-    `cached` [P] (their cached prefix); the pools are untouched."""
-    return dataclasses.replace(cache, block_table=cache.block_table.at[slots].set(tables, mode="drop"),
-                               lengths=cache.lengths.at[slots].set(cached, mode="drop"))
