@@ -243,7 +243,7 @@ def render(res: dict[str, Any]) -> str:
 
 def _render_prefix(p: dict[str, Any] | None, count: int) -> list[str]:
     if p is None:
-        return ["(c) skipped (no tokenizer with --quick)"]
+        return ["(c) skipped (--skip-prefix, or no tokenizer with --quick)"]
     lines = [f"(c) {count} ShareGPT prompts (mean {p['prompt_tokens_mean']:.0f} tokens) behind a "
              f"{p['system_prompt_tokens']}-token system prompt, all at once", "",
              "| prefix cache | TTFT p50 s | TTFT p99 s | wall s | hit rate |", "|---|---|---|---|---|"]
@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stall-tokens", type=int, default=160)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny random model, small workloads")
+    p.add_argument("--skip-prefix", action="store_true", help="leave out case (c) (ShareGPT prompts)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = p.parse_args(argv)
     enable_compilation_cache()  # a second run skips the warm-ups' compilation
@@ -322,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     jax.clear_caches()
     log(f"(b) engine {res['single']['engine_decode_tok_s']:.1f} vs generate() "
         f"{res['single']['generate_decode_tok_s']:.1f} decode tok/s")
-    res["prefix"] = case_prefix(base, tokenizer, args) if tokenizer is not None else None  # not --quick
+    run_prefix = tokenizer is not None and not args.skip_prefix  # not with --quick
+    res["prefix"] = case_prefix(base, tokenizer, args) if run_prefix else None
     jax.clear_caches()
     res["stalls"] = case_stalls(base, args)
     res["other_cpu_share"] = cpu.others()
