@@ -143,14 +143,26 @@ def attend_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table
     tile holding the last query position, so nothing past what the rows hold is read (gathering
     whole rows first cost a decode step ~40% of its time at 8 rows x 1.1k of 2048 tokens). Not
     differentiable (the trip count is data-dependent); training never runs on a cache. Decode
-    steps (few queries, float32) on a CPU run cpu_kernels' native kernel instead, when it builds.
+    steps (few queries, float32) lowered for a CPU run cpu_kernels' native kernel instead, when
+    it builds.
     """
-    b, t, h, d = q.shape
+    t = q.shape[1]
     if tile is None and t < MIN_TILED_QUERIES and q.dtype == k_pool.dtype == v_pool.dtype == F32:
         target = cpu_kernels.paged_attention_target()
         if target is not None:  # decode on CPU: read the keys in place instead of gathering them
-            return cpu_kernels.paged_attention(target, q, k_pool, v_pool, block_table, q_pos,
-                                               block_size)
+            # Chosen when the program is lowered for a platform, not when it is traced: a program
+            # exported for a GPU or TPU from this CPU host carries XLA's path, never the CPU call.
+            return jax.lax.platform_dependent(
+                q, k_pool, v_pool, block_table, q_pos,
+                cpu=lambda *a: cpu_kernels.paged_attention(target, *a, block_size),
+                default=lambda *a: _attend_paged_xla(*a, block_size, None))
+    return _attend_paged_xla(q, k_pool, v_pool, block_table, q_pos, block_size, tile)
+
+
+def _attend_paged_xla(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table: jax.Array,
+                      q_pos: jax.Array, block_size: int, tile: int | None) -> jax.Array:
+    """attend_paged in XLA's own ops (every platform; the reference for the kernels)."""
+    b, t, h, d = q.shape
     kvh = k_pool.shape[0]
     tile = tile or (DECODE_TILE if t < MIN_TILED_QUERIES else ATTENTION_TILE)
     per_tile = max(1, tile // block_size)

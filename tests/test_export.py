@@ -1,0 +1,76 @@
+"""Every program generate() and the engine run lowers for TPU and CUDA from this CPU host
+(jax.export, which lowers for a platform the machine does not have), in float32 and bfloat16,
+with no CPU-only custom call in it: the CPU attention kernel is chosen when a program is lowered
+for a CPU, not when it is traced on one."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+import swiftkv_jax as sk
+from swiftkv_jax.kernels import cpu as cpu_kernels
+from swiftkv_jax.runtime import prefix_cache
+from swiftkv_jax.runtime.runner import admit_program, decode_program, free_program, mixed_program
+from swiftkv_jax.runtime.sampling import SamplingParams
+from swiftkv_jax.runtime.slots import Admission, empty_slots, insert
+from swiftkv_jax.runtime.steps import decode, first_tokens, namespace_of, prefill
+
+# A SwiftKV model (L = 2 of 4, g = 2), so plain layers, SwiftKV layers and group K/V all lower.
+CFG = sk.ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
+                     num_kv_heads=2, head_dim=8, num_key_value_layers=2, key_value_group_size=2)
+SLOTS, LENGTH, BLOCK = 4, 64, 8
+
+
+def programs(dtype) -> dict[str, tuple]:
+    """name -> (jitted function, args, static kwargs) for each program, at engine-like shapes."""
+    params = sk.init_params(CFG, jax.random.PRNGKey(0), dtype)
+    cache = sk.init_cache(params, SLOTS, LENGTH, block_size=BLOCK)
+    state = empty_slots(SLOTS, LENGTH)
+    ns = namespace_of(params.weights)
+    rows = jnp.arange(SLOTS, dtype=jnp.int32)
+    new = jax.tree.map(jnp.asarray, Admission.padded(1, LENGTH, SLOTS))
+    greedy = SamplingParams.make(jnp.zeros(SLOTS), jnp.zeros(SLOTS, jnp.int32), jnp.ones(SLOTS))
+    keys = jnp.zeros((SLOTS, 2), jnp.uint32)
+    stops = jnp.full((SLOTS, 8), -1, jnp.int32)
+    table = cache.block_table
+    tokens = jnp.zeros((SLOTS, LENGTH), jnp.int32)
+    return {
+        "prefill chunk": (prefill, (params, cache, jnp.zeros((SLOTS, 16), jnp.int32), rows), {}),
+        "first tokens": (first_tokens, (jnp.zeros((SLOTS, CFG.vocab_size)), greedy, keys), {}),
+        "decode loop": (decode, (params, cache, rows, rows, rows, rows, greedy, keys, stops, jnp.int32(4)),
+                        dict(out_len=4)),
+        "engine decode, 1 step": (decode_program, (params, cache, state, jnp.arange(SLOTS + 1, dtype=jnp.int32)),
+                                  dict(out_len=1)),
+        "engine decode loop": (decode_program, (params, cache, state, jnp.arange(3, dtype=jnp.int32)),
+                               dict(out_len=8)),
+        "engine mixed step": (mixed_program, (params, cache, state, jnp.arange(2 + SLOTS, dtype=jnp.int32), ns),
+                              dict(chunk_rows=1, width=16)),
+        "engine admission": (admit_program, (cache, state, new, ns), {}),
+        "engine insert": (insert, (state, new), {}),
+        "engine free": (free_program, (cache, state, rows[:1], rows[:1], ns), {}),
+        "prefix admit": (prefix_cache.admit, (cache.index, table, tokens, rows, rows, ns), {}),
+        "prefix publish": (prefix_cache.publish, (cache.index, table, tokens, rows, ns), {}),
+        "prefix release": (prefix_cache.release, (cache.index, table, rows), {}),
+        "weights namespace": (namespace_of, (params.weights,), {}),
+    }
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_every_program_lowers_for_tpu_and_cuda_without_cpu_custom_calls(dtype):
+    for name, (fn, args, static) in programs(dtype).items():
+        for platform in ("tpu", "cuda"):
+            exported = export.export(fn, platforms=(platform,))(*args, **static)  # refuses CPU-only calls
+            assert cpu_kernels.PAGED_ATTENTION_TARGET not in exported.mlir_module(), (name, platform)
+
+
+def test_the_cpu_kernel_is_chosen_when_lowering_for_the_cpu():
+    if cpu_kernels.paged_attention_target() is None:
+        pytest.skip("the CPU kernel is not available here (no compiler, or switched off)")
+    fn, args, static = programs(jnp.float32)["engine decode, 1 step"]
+    allow = [export.DisabledSafetyCheck.custom_call(cpu_kernels.PAGED_ATTENTION_TARGET)]
+    on_cpu = export.export(fn, platforms=("cpu",), disabled_checks=allow)(*args, **static).mlir_module()
+    on_tpu = export.export(fn, platforms=("tpu",))(*args, **static).mlir_module()
+    assert cpu_kernels.PAGED_ATTENTION_TARGET in on_cpu and cpu_kernels.PAGED_ATTENTION_TARGET not in on_tpu
