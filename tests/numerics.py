@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 F32_EPS = float(np.finfo(np.float32).eps)
+BF16_EPS = 2.0 ** -8  # bfloat16 keeps 8 significant bits: inputs rounded to it differ by this much
 MAX_FLIPPED_FRACTION = 0.01  # entries allowed to disagree (near-zero gradients whose sign flipped)
 UPDATE_TOLERANCE = 0.01  # in units of the learning rate summed over the compared steps
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ..kernels import cpu as cpu_kernels
+from ..kernels import gpu as gpu_kernels
 
 F32 = jnp.float32
 NEG_INF = float(jnp.finfo(F32).min)  # masked scores; finite so fully masked rows stay NaN-free
@@ -143,20 +144,24 @@ def attend_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table
     tile holding the last query position, so nothing past what the rows hold is read (gathering
     whole rows first cost a decode step ~40% of its time at 8 rows x 1.1k of 2048 tokens). Not
     differentiable (the trip count is data-dependent); training never runs on a cache. Decode
-    steps (few queries, float32) lowered for a CPU run cpu_kernels' native kernel instead, when
-    it builds.
+    steps and short chunks lowered for a CPU run kernels/cpu.py's native kernel instead (float32,
+    when it builds), lowered for CUDA the Pallas/Triton kernel of kernels/gpu.py.
     """
-    t = q.shape[1]
-    if tile is None and t < MIN_TILED_QUERIES and q.dtype == k_pool.dtype == v_pool.dtype == F32:
-        target = cpu_kernels.paged_attention_target()
-        if target is not None:  # decode on CPU: read the keys in place instead of gathering them
-            # Chosen when the program is lowered for a platform, not when it is traced: a program
-            # exported for a GPU or TPU from this CPU host carries XLA's path, never the CPU call.
-            return jax.lax.platform_dependent(
-                q, k_pool, v_pool, block_table, q_pos,
-                cpu=lambda *a: cpu_kernels.paged_attention(target, *a, block_size),
-                default=lambda *a: _attend_paged_xla(*a, block_size, None))
-    return _attend_paged_xla(q, k_pool, v_pool, block_table, q_pos, block_size, tile)
+    b, t, h, d = q.shape
+    if tile is not None or t >= MIN_TILED_QUERIES:
+        return _attend_paged_xla(q, k_pool, v_pool, block_table, q_pos, block_size, tile)
+    # Decode steps and short chunks: a kernel per platform, chosen when the program is lowered
+    # for one (not when it is traced), so a program exported for a GPU or TPU from a CPU host
+    # never carries the CPU's call. XLA's path everywhere else, and as the kernels' reference.
+    args = (q, k_pool, v_pool, block_table, q_pos)
+    kernels: dict[str, Callable[..., jax.Array]] = {}
+    target = cpu_kernels.paged_attention_target()
+    if target is not None and q.dtype == k_pool.dtype == v_pool.dtype == F32:
+        kernels["cpu"] = lambda *a: cpu_kernels.paged_attention(target, *a, block_size)
+    if gpu_kernels.supported(d, h // k_pool.shape[0]) and t <= gpu_kernels.MAX_QUERIES:
+        kernels["cuda"] = lambda *a: gpu_kernels.paged_attention(*a, block_size)
+    xla = lambda *a: _attend_paged_xla(*a, block_size, None)
+    return jax.lax.platform_dependent(*args, default=xla, **kernels) if kernels else xla(*args)
 
 
 def _attend_paged_xla(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table: jax.Array,

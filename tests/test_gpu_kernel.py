@@ -1,0 +1,47 @@
+"""The GPU paged-attention kernel (JAX's Pallas/Triton kernel behind kernels/gpu.py), run in
+Pallas' interpret mode on the CPU, against a NumPy float64 attention over the same paged keys
+(test_cpu_kernels.reference, independent of the kernel and of XLA's path): GQA, MQA and MHA,
+several queries per row, rows sharing prefix blocks, positions on and after block edges, a
+padding row, float32 and bfloat16."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numerics import BF16_EPS
+from test_cpu_kernels import reference
+
+from swiftkv_jax.kernels import gpu as gpu_kernels
+
+CASES = [  # rows, queries per row, heads, kv heads, head dim, block size, blocks per row
+    dict(b=4, t=1, h=9, kvh=3, d=64, bs=16, nb=12),   # SmolLM2's decode shape
+    dict(b=3, t=3, h=4, kvh=2, d=32, bs=8, nb=6),     # several queries per row (a short chunk)
+    dict(b=2, t=1, h=4, kvh=1, d=16, bs=4, nb=9),     # MQA
+    dict(b=2, t=2, h=4, kvh=4, d=16, bs=16, nb=3),    # MHA
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c['b']}t{c['t']}h{c['h']}k{c['kvh']}d{c['d']}")
+def test_the_gpu_kernel_matches_reference_in_interpret_mode(case, dtype):
+    rng = np.random.default_rng(1)
+    b, t, h, kvh, d, bs, nb = (case[k] for k in ("b", "t", "h", "kvh", "d", "bs", "nb"))
+    assert gpu_kernels.supported(d, h // kvh)
+    pool_blocks = b * nb + 5
+    rounded = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))  # what the kernel sees
+    k_pool, v_pool = (rounded(rng.standard_normal((kvh, pool_blocks * bs, d))) for _ in range(2))
+    table = rng.permutation(pool_blocks)[: b * nb].reshape(b, nb).astype(np.int32)
+    table[1, :2] = table[0, :2]  # two rows share a prefix, as the prefix cache makes them
+    q = rounded(rng.standard_normal((b, t, h, d)))
+    # Last positions: on a block edge, just past one, the table's last slot, a single key.
+    last = np.array([bs - 1, bs, nb * bs - 1, 0][:b])
+    q_pos = np.maximum(last[:, None] - np.arange(t)[::-1][None, :], 0).astype(np.int32)
+    padding = b - 1  # a padding row (the engine's out-of-range slot): its table is all block 0
+    table[padding] = 0
+    got = gpu_kernels.paged_attention(*(jnp.asarray(x, dtype) for x in (q, k_pool, v_pool)),
+                                      jnp.asarray(table), jnp.asarray(q_pos), bs, interpret=True)
+    assert got.shape == q.shape and got.dtype == dtype
+    want = reference(q, k_pool, v_pool, table, q_pos, bs)
+    tol = 1e-5 if dtype == np.float32 else 4 * BF16_EPS  # bf16: the kernel's softmax and output rounding
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
