@@ -84,3 +84,19 @@ def test_the_cpu_kernel_is_chosen_when_lowering_for_the_cpu():
     on_cpu = export.export(fn, platforms=("cpu",), disabled_checks=allow)(*args, **static).mlir_module()
     on_tpu = export.export(fn, platforms=("tpu",))(*args, **static).mlir_module()
     assert cpu_kernels.PAGED_ATTENTION_TARGET in on_cpu and cpu_kernels.PAGED_ATTENTION_TARGET not in on_tpu
+
+
+def test_decode_attention_lowers_to_each_platforms_kernel():
+    """At head_dim 128 (Llama-3.1-8B's) the TPU kernel lowers too: the engine's decode step
+    carries the Mosaic kernel for tpu, the Triton kernel for cuda, and neither for the other."""
+    cfg = sk.ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=2,
+                         num_kv_heads=1, head_dim=128)
+    params = sk.init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
+    cache = sk.init_cache(params, SLOTS, LENGTH, block_size=BLOCK)
+    args = (params, cache, empty_slots(SLOTS, LENGTH), jnp.arange(SLOTS + 1))
+    allow = [export.DisabledSafetyCheck.custom_call(TRITON)]
+    tpu = export.export(decode_program, platforms=("tpu",))(*args, out_len=1).mlir_module()
+    cuda = export.export(decode_program, platforms=("cuda",), disabled_checks=allow)(
+        *args, out_len=1).mlir_module()
+    assert "tpu_custom_call" in tpu and TRITON not in tpu
+    assert TRITON in cuda and "tpu_custom_call" not in cuda

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from ..kernels import cpu as cpu_kernels
 from ..kernels import gpu as gpu_kernels
+from ..kernels import tpu as tpu_kernels
 
 F32 = jnp.float32
 NEG_INF = float(jnp.finfo(F32).min)  # masked scores; finite so fully masked rows stay NaN-free
@@ -145,7 +146,8 @@ def attend_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table
     whole rows first cost a decode step ~40% of its time at 8 rows x 1.1k of 2048 tokens). Not
     differentiable (the trip count is data-dependent); training never runs on a cache. Decode
     steps and short chunks lowered for a CPU run kernels/cpu.py's native kernel instead (float32,
-    when it builds), lowered for CUDA the Pallas/Triton kernel of kernels/gpu.py.
+    when it builds), lowered for CUDA the Pallas/Triton kernel of kernels/gpu.py, lowered for a
+    TPU the Pallas/Mosaic kernel of kernels/tpu.py (head_dim a multiple of 128).
     """
     b, t, h, d = q.shape
     if tile is not None or t >= MIN_TILED_QUERIES:
@@ -160,6 +162,8 @@ def attend_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table
         kernels["cpu"] = lambda *a: cpu_kernels.paged_attention(target, *a, block_size)
     if gpu_kernels.supported(d, h // k_pool.shape[0]) and t <= gpu_kernels.MAX_QUERIES:
         kernels["cuda"] = lambda *a: gpu_kernels.paged_attention(*a, block_size)
+    if tpu_kernels.supported(d) and t <= tpu_kernels.MAX_QUERIES:
+        kernels["tpu"] = lambda *a: tpu_kernels.paged_attention(*a, block_size)
     xla = lambda *a: _attend_paged_xla(*a, block_size, None)
     return jax.lax.platform_dependent(*args, default=xla, **kernels) if kernels else xla(*args)
 

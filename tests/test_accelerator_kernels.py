@@ -1,0 +1,72 @@
+"""The accelerator paged-attention kernels (JAX's Pallas kernels behind kernels/gpu.py (Triton)
+and kernels/tpu.py (Mosaic)), run in Pallas' interpret modes on the CPU, against a NumPy float64
+attention over the same paged keys (test_cpu_kernels.reference, independent of the kernels and of
+XLA's path): GQA, MQA and MHA, several queries per row, rows sharing prefix blocks, positions on
+and after block edges, a padding row, float32 and bfloat16."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numerics import BF16_EPS
+from test_cpu_kernels import reference
+
+from swiftkv_jax.kernels import gpu as gpu_kernels
+from swiftkv_jax.kernels import tpu as tpu_kernels
+
+
+def run_gpu(q, k_pool, v_pool, table, q_pos, bs):
+    return gpu_kernels.paged_attention(q, k_pool, v_pool, table, q_pos, bs, interpret=True)
+
+
+def run_tpu(q, k_pool, v_pool, table, q_pos, bs):
+    from jax.experimental.pallas import tpu as pltpu
+    with pltpu.force_tpu_interpret_mode():
+        return tpu_kernels.paged_attention(q, k_pool, v_pool, table, q_pos, bs)
+
+
+CASES = [  # rows, queries per row, heads, kv heads, head dim, block size, blocks per row
+    dict(b=4, t=1, h=9, kvh=3, d=64, bs=16, nb=12),   # SmolLM2's decode shape
+    dict(b=3, t=3, h=4, kvh=2, d=32, bs=8, nb=6),     # several queries per row (a short chunk)
+    dict(b=2, t=1, h=4, kvh=1, d=16, bs=4, nb=9),     # MQA
+    dict(b=2, t=2, h=4, kvh=4, d=16, bs=16, nb=3),    # MHA
+]
+TPU_CASES = [  # the TPU kernel lowers for head_dim a multiple of 128 only
+    dict(b=3, t=1, h=8, kvh=2, d=128, bs=16, nb=6),   # Llama-3.1-8B's decode shape, fewer heads
+    dict(b=2, t=3, h=4, kvh=1, d=128, bs=8, nb=4),    # MQA, several queries per row
+]
+KERNELS = [("gpu", run_gpu, c) for c in CASES] + [("tpu", run_tpu, c) for c in TPU_CASES]
+
+
+def _id(k) -> str:
+    name, _, c = k
+    return f"{name}-b{c['b']}t{c['t']}h{c['h']}k{c['kvh']}d{c['d']}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("kernel", KERNELS, ids=_id)
+def test_the_kernel_matches_reference_in_interpret_mode(kernel, dtype):
+    name, run, case = kernel
+    rng = np.random.default_rng(1)
+    b, t, h, kvh, d, bs, nb = (case[k] for k in ("b", "t", "h", "kvh", "d", "bs", "nb"))
+    assert gpu_kernels.supported(d, h // kvh) if name == "gpu" else tpu_kernels.supported(d)
+    pool_blocks = b * nb + 5
+    rounded = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))  # what the kernel sees
+    k_pool, v_pool = (rounded(rng.standard_normal((kvh, pool_blocks * bs, d))) for _ in range(2))
+    table = rng.permutation(pool_blocks)[: b * nb].reshape(b, nb).astype(np.int32)
+    table[1, :2] = table[0, :2]  # two rows share a prefix, as the prefix cache makes them
+    q = rounded(rng.standard_normal((b, t, h, d)))
+    # Last positions: on a block edge, just past one, the table's last slot, a single key.
+    last = np.array([bs - 1, bs, nb * bs - 1, 0][:b])
+    q_pos = np.maximum(last[:, None] - np.arange(t)[::-1][None, :], 0).astype(np.int32)
+    padding = b - 1  # a padding row (the engine's out-of-range slot): its table is all block 0
+    table[padding] = 0
+    got = run(*(jnp.asarray(x, dtype) for x in (q, k_pool, v_pool)), jnp.asarray(table),
+              jnp.asarray(q_pos), bs)
+    assert got.shape == q.shape and got.dtype == dtype
+    want = reference(q, k_pool, v_pool, table, q_pos, bs)
+    # bf16: the output's rounding. The TPU kernel's matmuls run at the TPU's default precision
+    # (bfloat16 passes) even for float32 inputs, so it is held to bfloat16's tolerance throughout.
+    tol = 1e-5 if dtype == np.float32 and name == "gpu" else 4 * BF16_EPS
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
