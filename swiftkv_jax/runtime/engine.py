@@ -64,6 +64,9 @@ class _Launched:
     completed: list[bool]
 
 
+STATS_WAIT_S = 0.25  # how long stats() waits for a running step or compile before reading around it
+
+
 def compilations() -> int:
     """Programs compiled so far for the engine's steps (a count tests compare before and after)."""
     return sum(f._cache_size() for f in JITTED)
@@ -106,6 +109,7 @@ class Engine:
         self._stopping = False
         self._counters = collections.Counter()
         self._finished: collections.deque[RequestHandle] = collections.deque(maxlen=2048)
+        self._index_stats: dict[str, Any] | None = None  # the last prefix-index figures read
 
     @property
     def cache(self) -> KVCache:
@@ -296,12 +300,24 @@ class Engine:
     # -- observing ---------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Requests running and waiting, tokens per step, prefix hit rate, KV blocks, TTFT/TPOT."""
-        with self._step_lock:
-            index = index_stats(self.cache.index)
+        """Requests running and waiting, tokens per step, prefix hit rate, KV blocks, TTFT/TPOT.
+
+        Never waits long for the engine: when a step or a warm-up compile holds it for more than
+        STATS_WAIT_S (a metrics scrape must not time out), the prefix-index figures are the last
+        ones read and the rest is read as it stands."""
+        got = self._step_lock.acquire(timeout=STATS_WAIT_S)
+        if not got and self._index_stats is None:  # nothing read yet: wait this once
+            got = self._step_lock.acquire()
+        try:
+            if got or self._index_stats is None:
+                self._index_stats = index_stats(self.cache.index)
+            index = self._index_stats
             active = self._scheduler.active()
             waiting = len(self._scheduler.waiting)
             finished = list(self._finished)
+        finally:
+            if got:
+                self._step_lock.release()
         c = self._counters
         ttft = [h.ttft_s for h in finished if h.ttft_s is not None]
         tpot = [h.tpot_s for h in finished if h.tpot_s is not None]
