@@ -149,7 +149,7 @@ def attend_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table
     when it builds), lowered for CUDA the Pallas/Triton kernel of kernels/gpu.py, lowered for a
     TPU the Pallas/Mosaic kernel of kernels/tpu.py (head_dim a multiple of 128).
     """
-    b, t, h, d = q.shape
+    _, t, h, d = q.shape
     if tile is not None or t >= MIN_TILED_QUERIES:
         return _attend_paged_xla(q, k_pool, v_pool, block_table, q_pos, block_size, tile)
     # Decode steps and short chunks: a kernel per platform, chosen when the program is lowered

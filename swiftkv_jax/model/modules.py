@@ -27,7 +27,7 @@ from ..config import ModelConfig
 from .forward import forward, init_params
 from .layers import mlp, rms_norm
 from .paged_cache import PagedCache
-from .params import Params, Weights, tensors
+from .params import Params, Weights, get_path, tensors
 
 
 class DistilledParam(nnx.Param):
@@ -87,7 +87,7 @@ class Llama(nnx.Module):
             node = self
             for name in t.path[:-1]:
                 node = node[name] if isinstance(node, nnx.List) else _child(node, name, cfg)
-            value = _get(params.weights, t.path)
+            value = get_path(params.weights, t.path)
             if value.shape != t.shape:
                 raise ValueError(f"{'/'.join(map(str, t.path))} has shape {value.shape}; the schema "
                                  f"says {t.shape} for this config")
@@ -129,15 +129,9 @@ def _child(node: nnx.Module, name: str, cfg: ModelConfig) -> nnx.Module:
     return getattr(node, name)
 
 
-def _get(weights: Weights, path: tuple[Any, ...]) -> jax.Array:
-    for p in path:
-        weights = weights[p]
-    return weights
-
-
 def _has(weights: Weights, path: tuple[Any, ...]) -> bool:
     try:
-        _get(weights, path)
+        get_path(weights, path)
         return True
     except (KeyError, IndexError):
         return False

@@ -54,6 +54,7 @@ from .shapes import (
 
 log = logging.getLogger(__name__)
 
+
 @dataclasses.dataclass
 class _Launched:
     """A step started on the device: its plan, its results (not fetched; None when it ran
@@ -253,8 +254,7 @@ class Engine:
             for i, (seq, _) in enumerate(plan.prefill):
                 if launched.completed[i] and seq.phase is not Phase.ENDED:
                     self._delivered(seq, result, i)
-            first = len(result.rows) - (self.max_slots if plan.prefill else len(result.rows))
-            for i, seq in enumerate(plan.decode, first):
+            for i, seq in enumerate(plan.decode, self._runner.decode_row(plan)):
                 if seq.phase is not Phase.ENDED:
                     self._counters["decode_tokens"] += self._delivered(seq, result, i)
         except Exception as err:  # noqa: BLE001

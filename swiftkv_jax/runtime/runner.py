@@ -226,7 +226,7 @@ class Runner:
         device and returns its packed results, not yet fetched (StepResult.fetch): rows are the
         chunk's rows, then the decode rows (padding rows follow each)."""
         if plan.prefill:
-            p = row_bucket(len(plan.prefill), self.max_slots)
+            p = self.decode_row(plan)
             ids = np.full((2 * p + self.max_slots,), self.max_slots, np.int32)
             ids[:len(plan.prefill)] = [s.slot for s, _ in plan.prefill]
             ids[p:2 * p] = 0
@@ -238,6 +238,10 @@ class Runner:
             return out
         return self._decode_rows(row_bucket(len(plan.decode), self.max_slots),
                                  [s.slot for s in plan.decode], plan.decode_steps)
+
+    def decode_row(self, plan: StepPlan) -> int:
+        """The result row of a plan's first decode row (after the chunk's rows and their padding)."""
+        return row_bucket(len(plan.prefill), self.max_slots) if plan.prefill else 0
 
     def _decode_rows(self, rows: int, slots: list[int], steps: int) -> jax.Array:
         ids = np.full((rows + 1,), self.max_slots, np.int32)

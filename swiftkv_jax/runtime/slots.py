@@ -15,6 +15,7 @@ from flax import struct
 
 from .request import MAX_STOP_IDS
 from .sampling import SamplingParams
+from .steps import seed_keys
 
 
 @struct.dataclass
@@ -89,12 +90,6 @@ class Admission:
                    top_p=np.ones(rows, np.float32), seeds=np.zeros(rows, np.uint32))
 
 
-def request_key(seeds: jax.Array) -> jax.Array:
-    """[R, 2] raw PRNG keys of engine requests from their seeds (row 0 of a generate() batch, so
-    a prompt sampled alone draws the same either way; see steps.request_keys)."""
-    return jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), 0))(seeds)
-
-
 @functools.partial(jax.jit, donate_argnames=("state",))
 def insert(state: SlotState, new: Admission) -> SlotState:
     """`state` with the admitted requests' rows written (JetStream's insert)."""
@@ -103,5 +98,5 @@ def insert(state: SlotState, new: Admission) -> SlotState:
                      counts=jnp.zeros_like(a.prompt_len), max_tokens=a.max_tokens,
                      stop_ids=a.stop_ids,
                      sampling=SamplingParams.make(a.temperature, a.top_k, a.top_p),
-                     keys=request_key(a.seeds))
+                     keys=seed_keys(a.seeds, jnp.zeros_like(a.prompt_len)))  # as generate()'s row 0
     return state.set_rows(a.slots, rows)

@@ -169,9 +169,12 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-@jax.jit
-def _request_keys(seeds: jax.Array, rows: jax.Array) -> jax.Array:
+def seed_keys(seeds: jax.Array, rows: jax.Array) -> jax.Array:
+    """[B, 2] raw PRNG keys from uint32 seeds [B] and rows [B] (fold_in(PRNGKey(seed), row))."""
     return jax.vmap(lambda s, r: jax.random.fold_in(jax.random.PRNGKey(s), r))(seeds, rows)
+
+
+_request_keys = jax.jit(seed_keys)
 
 
 def request_keys(seeds, rows=None) -> jax.Array:
