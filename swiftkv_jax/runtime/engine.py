@@ -349,7 +349,8 @@ class Engine:
                 break
             with self._step_lock:
                 compile_one()
-        jax.block_until_ready(self.cache)
+        with self._step_lock:  # a step on another thread may be donating the cache right now
+            jax.block_until_ready(self.cache)
         return time.perf_counter() - t0
 
     def warmup_in_background(self, on_done: Callable[[float], None] | None = None) -> threading.Thread:
