@@ -149,7 +149,7 @@ def attend_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table
     when it builds), lowered for CUDA the Pallas/Triton kernel of kernels/gpu.py, lowered for a
     TPU the Pallas/Mosaic kernel of kernels/tpu.py (head_dim a multiple of 128).
     """
-    _, t, h, d = q.shape
+    _, t, _, d = q.shape
     if tile is not None or t >= MIN_TILED_QUERIES:
         return _attend_paged_xla(q, k_pool, v_pool, block_table, q_pos, block_size, tile)
     # Decode steps and short chunks: a kernel per platform, chosen when the program is lowered
@@ -160,7 +160,7 @@ def attend_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table
     target = cpu_kernels.paged_attention_target()
     if target is not None and q.dtype == k_pool.dtype == v_pool.dtype == F32:
         kernels["cpu"] = lambda *a: cpu_kernels.paged_attention(target, *a, block_size)
-    if gpu_kernels.supported(d, h // k_pool.shape[0]) and t <= gpu_kernels.MAX_QUERIES:
+    if gpu_kernels.supported(d) and t <= gpu_kernels.MAX_QUERIES:
         kernels["cuda"] = lambda *a: gpu_kernels.paged_attention(*a, block_size)
     if tpu_kernels.supported(d) and t <= tpu_kernels.MAX_QUERIES:
         kernels["tpu"] = lambda *a: tpu_kernels.paged_attention(*a, block_size)
