@@ -191,7 +191,6 @@ def test_index_invariants_over_random_requests(data):
         idx = register(idx, table, jnp.asarray(toks), jnp.asarray(written), jnp.asarray(needed), ns)
         reg, refs = np.asarray(idx.registered), np.asarray(idx.ref_count)
         assert (refs == 0).all()  # every reference released
-        assert reg.sum() + (~reg).sum() == pool
         parent, depth, tokens = (np.asarray(x) for x in (idx.block_parent, idx.block_depth, idx.block_tokens))
         for b in np.flatnonzero(reg):  # every cached block: its tokens and its chain are real
             assert tuple(tokens[b]) == content[int(b)]
