@@ -1,4 +1,8 @@
-"""ModelConfig: the static description of a Llama (or SwiftKV Llama) model.
+"""ModelConfig: the static description of a (SwiftKV) Llama, Qwen2 or Qwen3 model.
+
+The families differ in a few schema entries (params.SCHEMA) read from the config: Qwen2 has
+biases on its q/k/v projections (`attention_bias`), Qwen3 RMS-normalises each head of q and k
+before RoPE (`qk_norm`); everything else is the Llama computation.
 
 Frozen and hashable so it can travel inside pytrees as static metadata and key jit caches.
 """
@@ -11,7 +15,12 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-SUPPORTED_MODEL_TYPES = ("llama", "llama_swiftkv")
+FAMILIES = ("llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "llama_swiftkv", "qwen2", "qwen2_swiftkv", "qwen3")
+# Hugging Face `architectures` of each family, plain and SwiftKV (Snowflake's names).
+ARCHITECTURES = {"llama": ("LlamaForCausalLM", "LlamaSwiftKVForCausalLM"),
+                 "qwen2": ("Qwen2ForCausalLM", "Qwen2SwiftKVForCausalLM"),
+                 "qwen3": ("Qwen3ForCausalLM", None)}
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
@@ -54,6 +63,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     num_key_value_layers: int | None = None  # None -> num_layers (SwiftKV off)
     key_value_group_size: int = 1
+    family: str = "llama"  # "llama", "qwen2" or "qwen3": the model_type written on export
+    attention_bias: bool = False  # q/k/v projections (and SwiftKV's) have biases (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
 
     def __post_init__(self) -> None:
         if self.num_key_value_layers is None:
@@ -66,6 +78,8 @@ class ModelConfig:
             raise ConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         L, N, g = self.num_key_value_layers, self.num_layers, self.key_value_group_size
@@ -75,6 +89,9 @@ class ModelConfig:
             raise ConfigError(
                 f"key_value_group_size ({g}) must divide num_hidden_layers - num_key_value_layers "
                 f"({N} - {L} = {N - L})")
+        if L < N and ARCHITECTURES[self.family][1] is None:
+            raise ConfigError(f"SwiftKV is not defined for the {self.family} family (no "
+                              f"{self.family}_swiftkv format); Llama and Qwen2 models can be converted")
 
     # -- derived quantities ---------------------------------------------------------------
     @property
@@ -112,11 +129,20 @@ class ModelConfig:
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
-                f"model_type {model_type!r} is not supported; this library runs Llama models "
-                f"(model_type one of {SUPPORTED_MODEL_TYPES})")
-        for flag in ("attention_bias", "mlp_bias"):
-            if d.get(flag):
-                raise ConfigError(f"{flag}=true is not supported (Llama without biases only)")
+                f"model_type {model_type!r} is not supported; this library runs Llama, Qwen2 and "
+                f"Qwen3 models (model_type one of {SUPPORTED_MODEL_TYPES})")
+        family = model_type.removesuffix("_swiftkv")
+        if family == "llama":
+            for flag in ("attention_bias", "mlp_bias"):
+                if d.get(flag):
+                    raise ConfigError(f"{flag}=true is not supported for Llama (its o_proj / MLP "
+                                      "biases are not implemented; Qwen2's q/k/v biases are)")
+        elif family == "qwen3" and d.get("attention_bias"):
+            raise ConfigError("attention_bias=true is not supported for Qwen3 (o_proj biases are "
+                              "not implemented)")
+        if d.get("use_sliding_window"):
+            raise ConfigError("use_sliding_window=true is not supported (sliding-window attention "
+                              "is not implemented); set it to false to run with full attention")
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"hidden_act {act!r} is not supported (only 'silu', SwiGLU MLP)")
@@ -145,15 +171,20 @@ class ModelConfig:
                 eos_token_ids=eos_ids,
                 num_key_value_layers=d.get("num_key_value_layers"),
                 key_value_group_size=int(d.get("key_value_group_size") or 1),
+                family=family,
+                attention_bias=family == "qwen2",
+                qk_norm=family == "qwen3",
             )
         except KeyError as e:
             raise ConfigError(f"config.json is missing the required field {e.args[0]!r}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """A Hugging Face `config.json` dict; llama_swiftkv when SwiftKV is on."""
+        """A Hugging Face `config.json` dict of the model's family; `<family>_swiftkv` (with
+        Snowflake's fields) when SwiftKV is on."""
+        plain, swift = ARCHITECTURES[self.family]
         d: dict[str, Any] = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [plain],
+            "model_type": self.family,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -168,14 +199,15 @@ class ModelConfig:
                 "rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)},
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": False,
+            "attention_bias": self.family == "qwen2",
             "mlp_bias": False,
+            "use_sliding_window": False,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": (list(self.eos_token_ids) if len(self.eos_token_ids) != 1
                              else self.eos_token_ids[0]),
         }
         if self.swiftkv:
-            d.update(architectures=["LlamaSwiftKVForCausalLM"], model_type="llama_swiftkv",
+            d.update(architectures=[swift], model_type=f"{self.family}_swiftkv",
                      swiftkv=True, num_key_value_layers=self.num_key_value_layers,
                      key_value_group_size=self.key_value_group_size)
         return d
@@ -194,35 +226,38 @@ class ModelConfig:
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], vocab_size: int,
                            tie_word_embeddings: bool) -> "ModelConfig":
-        """Reads llama.cpp GGUF metadata (`general.architecture` must be llama)."""
+        """Reads llama.cpp GGUF metadata (`general.architecture` llama, qwen2 or qwen3; the
+        fields are named after it, e.g. qwen2.block_count)."""
         arch = meta.get("general.architecture")
-        if arch != "llama":
-            raise ConfigError(f"GGUF general.architecture {arch!r} is not supported (only 'llama')")
+        if arch not in FAMILIES:
+            raise ConfigError(f"GGUF general.architecture {arch!r} is not supported (one of {FAMILIES})")
+        key = lambda name: f"{arch}.{name}"
         try:
-            heads = int(meta["llama.attention.head_count"])
-            hidden = int(meta["llama.embedding_length"])
-            head_dim = int(meta.get("llama.attention.key_length") or
-                           meta.get("llama.rope.dimension_count") or hidden // heads)
-            scaling = None
-            if meta.get("llama.rope.scaling.type") not in (None, "none"):
+            heads = int(meta[key("attention.head_count")])
+            hidden = int(meta[key("embedding_length")])
+            head_dim = int(meta.get(key("attention.key_length")) or
+                           meta.get(key("rope.dimension_count")) or hidden // heads)
+            if meta.get(key("rope.scaling.type")) not in (None, "none"):
                 raise ConfigError(
-                    f"GGUF llama.rope.scaling.type {meta['llama.rope.scaling.type']!r} is not supported")
+                    f"GGUF {key('rope.scaling.type')} {meta[key('rope.scaling.type')]!r} is not supported")
             eos = meta.get("tokenizer.ggml.eos_token_id")
             return cls(
                 vocab_size=vocab_size,
                 hidden_size=hidden,
-                intermediate_size=int(meta["llama.feed_forward_length"]),
-                num_layers=int(meta["llama.block_count"]),
+                intermediate_size=int(meta[key("feed_forward_length")]),
+                num_layers=int(meta[key("block_count")]),
                 num_heads=heads,
-                num_kv_heads=int(meta.get("llama.attention.head_count_kv") or heads),
+                num_kv_heads=int(meta.get(key("attention.head_count_kv")) or heads),
                 head_dim=head_dim,
-                rms_norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-                rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-                rope_scaling=scaling,
-                max_position_embeddings=int(meta.get("llama.context_length", 2048)),
+                rms_norm_eps=float(meta.get(key("attention.layer_norm_rms_epsilon"), 1e-5)),
+                rope_theta=float(meta.get(key("rope.freq_base"), 10000.0)),
+                max_position_embeddings=int(meta.get(key("context_length"), 2048)),
                 tie_word_embeddings=tie_word_embeddings,
                 bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
                 eos_token_ids=() if eos is None else (int(eos),),
+                family=arch,
+                attention_bias=arch == "qwen2",
+                qk_norm=arch == "qwen3",
             )
         except KeyError as e:
             raise ConfigError(f"GGUF metadata is missing the required field {e.args[0]!r}") from None

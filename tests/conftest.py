@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Llama models built and saved with Hugging Face transformers.
+"""Shared fixtures: tiny random Llama / Qwen2 / Qwen3 models built and saved with Hugging Face
+transformers.
 
 Tests compare against transformers (PyTorch, f32, eager attention) on the same weights: an
 independent reference, not our own code. JAX's persistent compilation cache is on so repeated
@@ -28,7 +29,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 torch.manual_seed(0)
 
-# name -> LlamaConfig overrides. All tiny: they build, save and run in well under a second.
+# name -> config overrides ("family" picks Llama, Qwen2 or Qwen3). All tiny: they build, save and run
+# in well under a second.
 TINY_CONFIGS: dict[str, dict] = {
     "mha_untied": dict(num_attention_heads=4, num_key_value_heads=4),
     "gqa_tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
@@ -39,22 +41,34 @@ TINY_CONFIGS: dict[str, dict] = {
                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                           "original_max_position_embeddings": 32}),
     "head_dim_24": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+    "qwen2_gqa_tied": dict(family="qwen2", num_attention_heads=4, num_key_value_heads=2,
+                           tie_word_embeddings=True, rope_theta=1e6),
+    "qwen2_mqa_head_dim_24": dict(family="qwen2", num_attention_heads=4, num_key_value_heads=1,
+                                  head_dim=24),
+    "qwen3_gqa": dict(family="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+              "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 
 
-def make_hf_llama(folder: Path, seed: int = 0, **overrides) -> "transformers.LlamaForCausalLM":
-    """A random tiny Llama saved with save_pretrained into `folder`; returns the torch model."""
+def make_hf_llama(folder: Path, seed: int = 0, family: str = "llama", **overrides) -> "transformers.PreTrainedModel":
+    """A random tiny Llama (or Qwen2 / Qwen3: `family`) saved with save_pretrained into `folder`;
+    returns the torch model. Norm weights and biases are random too (transformers starts them at
+    one and zero), so a mixed-up norm or a dropped bias cannot pass unnoticed."""
     cfg = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                rms_norm_eps=1e-5, initializer_range=0.15, bos_token_id=1, eos_token_id=2,
                tie_word_embeddings=False, attn_implementation="eager")
     cfg.update(overrides)
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
-    with torch.no_grad():  # non-trivial norm weights, so a mixed-up norm cannot pass unnoticed
+    config_cls, model_cls = (getattr(transformers, name) for name in HF_CLASSES[family])
+    model = model_cls(config_cls(**cfg)).eval()
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn_like(p))
     model.save_pretrained(folder)
     return model
 

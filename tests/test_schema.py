@@ -24,8 +24,9 @@ def _file_names_and_shapes(folder) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in load_file(folder / "model.safetensors").items()}
 
 
-@pytest.mark.parametrize("name", ["gqa_tied", "mha_untied", "head_dim_24"])
-def test_schema_is_what_transformers_saves_for_a_llama(tmp_path, name):
+@pytest.mark.parametrize("name", ["gqa_tied", "mha_untied", "head_dim_24", "qwen2_gqa_tied",
+                                  "qwen2_mqa_head_dim_24", "qwen3_gqa"])
+def test_schema_is_what_transformers_saves(tmp_path, name):
     model = make_hf_llama(tmp_path, **TINY_CONFIGS[name])
     config = sk.ModelConfig.from_json_file(tmp_path / "config.json")
     saved = {k: tuple(v.shape) for k, v in model.state_dict().items()

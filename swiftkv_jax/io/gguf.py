@@ -1,7 +1,8 @@
 """GGUF (llama.cpp) files: metadata -> ModelConfig, tensors dequantized -> HF names and layout.
 
-llama.cpp stores q/k weights permuted for interleaved RoPE; we undo that so the half-split RoPE
-of the Hugging Face layout applies (as transformers' own GGUF loader does).
+llama.cpp stores a Llama's q/k weights permuted for interleaved RoPE; we undo that so the
+half-split RoPE of the Hugging Face layout applies (as transformers' own GGUF loader does). Qwen2 and
+Qwen3 files (architectures `qwen2`, `qwen3`) keep the Hugging Face order.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def read_metadata(reader: Any) -> dict[str, Any]:
 
 
 def load_gguf(path: str | Path, dtype: Any = jnp.float32, progress: bool = True) -> Params:
-    """Params from a llama GGUF file, dequantizing any tensor type the gguf package supports."""
+    """Params from a Llama / Qwen2 / Qwen3 GGUF file, dequantizing any tensor type the gguf package supports."""
     import gguf
     try:
         reader = gguf.GGUFReader(str(path))
@@ -88,7 +89,8 @@ def load_gguf(path: str | Path, dtype: Any = jnp.float32, progress: bool = True)
                                "package cannot dequantize; convert the model with another type") from None
         w = np.asarray(w, np.float32).reshape(tuple(int(x) for x in reversed(t.shape)))
         kind = _kind_of(t.name)[0]
-        return unpermute_qk(w, heads[kind.rope_heads]) if kind.rope_heads else w
+        permuted = kind.rope_heads and cfg.family == "llama"
+        return unpermute_qk(w, heads[kind.rope_heads]) if permuted else w
 
     return params_from_tensors(cfg, get, by_hf.keys(), dtype, progress)
 

@@ -1,4 +1,4 @@
-"""The Llama building blocks as pure functions of a params subtree: norm, RoPE, MLP, decoder layer.
+"""The Llama (and Qwen2 / Qwen3) building blocks as pure functions of a params subtree: norm, RoPE, MLP, decoder layer.
 
 A decoder layer is `(h, kv_state) -> (h, kv_state)`: it takes its K/V state explicitly (a cache
 slot's pools, or nothing without a cache; see kv_access.py) and returns it updated, as Flax's
@@ -44,9 +44,23 @@ def apply_rope(x: jax.Array, sin_cos: Rope) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def project(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [B, T, D] @ w [D, heads, h] -> [B, T, heads, h], as one plain matmul."""
-    return (x @ w.reshape(w.shape[0], -1).astype(x.dtype)).reshape(x.shape[:2] + w.shape[1:])
+def project(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """x [B, T, D] @ w [D, heads, h] (+ bias [heads, h], Qwen2) -> [B, T, heads, h], as one
+    plain matmul."""
+    y = (x @ w.reshape(w.shape[0], -1).astype(x.dtype)).reshape(x.shape[:2] + w.shape[1:])
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+def head_norm(x: jax.Array, norm: Weights | None, config: ModelConfig) -> jax.Array:
+    """Qwen3's per-head RMSNorm of q or k [B, T, heads, h] (before RoPE); x itself without one."""
+    return x if norm is None else rms_norm(x, norm["weight"], config.rms_norm_eps)
+
+
+def queries(w: Weights, config: ModelConfig, x: jax.Array, rope: Rope, proj: str = "q_proj") -> jax.Array:
+    """The layer's RoPE'd queries [B, T, H, h] from its normed input x, through `proj` (q_proj,
+    or q_proj_swiftkv on a SwiftKV layer) and its bias and head norm where the model has them."""
+    bias = w.get(proj.replace("proj", "bias"))
+    return apply_rope(head_norm(project(x, w[proj], bias), w.get("q_norm"), config), rope)
 
 
 def mlp(w: Weights, x: jax.Array) -> jax.Array:
@@ -60,9 +74,10 @@ def attention_input(w: Weights, config: ModelConfig, h: jax.Array) -> jax.Array:
     return rms_norm(h, w["input_layernorm"]["weight"], config.rms_norm_eps)
 
 
-def own_kv(w: Weights, x: jax.Array, rope: Rope) -> tuple[jax.Array, jax.Array]:
+def own_kv(w: Weights, config: ModelConfig, x: jax.Array, rope: Rope) -> tuple[jax.Array, jax.Array]:
     """A plain layer's keys (RoPE'd) and values [B, T, K, h] from its own input x."""
-    return apply_rope(project(x, w["k_proj"]), rope), project(x, w["v_proj"])
+    k = head_norm(project(x, w["k_proj"], w.get("k_bias")), w.get("k_norm"), config)
+    return apply_rope(k, rope), project(x, w["v_proj"], w.get("v_bias"))
 
 
 def finish_layer(w: Weights, config: ModelConfig, h: jax.Array, q: jax.Array, kv: KVView,
@@ -85,8 +100,8 @@ def decoder_layer(w: Weights, config: ModelConfig, h: jax.Array, q_pos: jax.Arra
     Jitted so that a model's layers, all of one shape, are traced and lowered once instead of
     once per layer (start-up: ~2x less tracing); XLA inlines the call, nothing changes at run time."""
     x = attention_input(w, config, h)
-    q = apply_rope(project(x, w["q_proj"]), rope)
-    state = kv.write(state, *own_kv(w, x, rope))
+    q = queries(w, config, x, rope)
+    state = kv.write(state, *own_kv(w, config, x, rope))
     return finish_layer(w, config, h, q, kv.read(state), q_pos), state
 
 

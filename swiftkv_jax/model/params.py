@@ -53,11 +53,13 @@ class TensorKind:
                 base model's weights by swiftkv.to_swiftkv's rules instead)
     where:      "model" (once), "layers" (every layer), "upper" (layers >= L) or "leaders"
                 (stacked on axis 0 over the group leaders of layers >= L)
-    when:       "always", "untied" (no tied embeddings) or "swiftkv" (L < N)
+    when:       "always", "untied" (no tied embeddings), "swiftkv" (L < N), "bias" (q/k/v biases:
+                Qwen2), "swiftkv_bias" (both) or "qk_norm" (per-head q/k norms: Qwen3)
     trainable:  distillation trains it (everything else is frozen)
     teacher:    on layers >= L, kept when a checkpoint has it but not read by the SwiftKV model
                 (the original q/k/v_proj: the distillation teacher uses them)
-    rope_heads: "heads" / "kv_heads" for q/k, whose rows llama.cpp permutes per head
+    rope_heads: "heads" / "kv_heads" for q/k, whose rows llama.cpp permutes per head (Llama only)
+    hf_flat:    Hugging Face stores it flattened to one dim (a bias [heads * head_dim])
     """
 
     name: str
@@ -71,6 +73,7 @@ class TensorKind:
     trainable: bool = False
     teacher: bool = False
     rope_heads: str | None = None
+    hf_flat: bool = False
 
     def shape(self, cfg: ModelConfig) -> tuple[int, ...]:
         """Our shape of this tensor for `cfg`."""
@@ -93,7 +96,9 @@ class TensorKind:
 
     def present(self, cfg: ModelConfig) -> bool:
         """Whether a model of `cfg` has this tensor at all."""
-        return {"always": True, "untied": not cfg.tie_word_embeddings, "swiftkv": cfg.swiftkv}[self.when]
+        return {"always": True, "untied": not cfg.tie_word_embeddings, "swiftkv": cfg.swiftkv,
+                "bias": cfg.attention_bias, "swiftkv_bias": cfg.swiftkv and cfg.attention_bias,
+                "qk_norm": cfg.qk_norm}[self.when]
 
     def layers(self, cfg: ModelConfig) -> range:
         """The layers that hold this per-layer kind (an empty range for model-level kinds)."""
@@ -114,8 +119,13 @@ def _mlp(proj: str, gguf: str, axes: tuple[str, ...]) -> TensorKind:
                       f"blk.{{i}}.{gguf}.weight")
 
 
-def _norm(name: str, hf: str, gguf: str | None, **kw: Any) -> TensorKind:
-    return TensorKind(f"{name}/weight", (EMBED,), hf, gguf, in_axes=0, init="ones", **kw)
+def _norm(name: str, hf: str, gguf: str | None, axes: tuple[str, ...] = (EMBED,), **kw: Any) -> TensorKind:
+    return TensorKind(f"{name}/weight", axes, hf, gguf, in_axes=0, init="ones", **kw)
+
+
+def _bias(name: str, hf: str, gguf: str | None, axes: tuple[str, ...], **kw: Any) -> TensorKind:
+    """A q/k/v projection's bias (Qwen2): zeros at random init, flattened in HF files."""
+    return TensorKind(name, axes, hf, gguf, in_axes=0, init="zeros", hf_flat=True, **kw)
 
 
 SCHEMA: tuple[TensorKind, ...] = (
@@ -131,6 +141,17 @@ SCHEMA: tuple[TensorKind, ...] = (
     _attn("k_proj", "attn_k", (EMBED, KV_HEADS, HEAD_DIM), teacher=True, rope_heads=KV_HEADS),
     _attn("v_proj", "attn_v", (EMBED, KV_HEADS, HEAD_DIM), teacher=True),
     _attn("o_proj", "attn_output", (HEADS, HEAD_DIM, EMBED), in_axes=2),
+    # Qwen2: q/k/v biases. Qwen3: per-head RMSNorm of q and k (before RoPE).
+    _bias("layers/*/q_bias", "model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias",
+          (HEADS, HEAD_DIM), when="bias", teacher=True),
+    _bias("layers/*/k_bias", "model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias",
+          (KV_HEADS, HEAD_DIM), when="bias", teacher=True),
+    _bias("layers/*/v_bias", "model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias",
+          (KV_HEADS, HEAD_DIM), when="bias", teacher=True),
+    _norm("layers/*/q_norm", "model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight",
+          (HEAD_DIM,), when="qk_norm"),
+    _norm("layers/*/k_norm", "model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight",
+          (HEAD_DIM,), when="qk_norm"),
     _mlp("gate_proj", "ffn_gate", (EMBED, MLP)),
     _mlp("up_proj", "ffn_up", (EMBED, MLP)),
     _mlp("down_proj", "ffn_down", (MLP, EMBED)),
@@ -138,6 +159,8 @@ SCHEMA: tuple[TensorKind, ...] = (
     TensorKind("layers/*/q_proj_swiftkv", (EMBED, HEADS, HEAD_DIM),
                "model.layers.{i}.self_attn.q_proj_swiftkv.weight", where="upper", when="swiftkv",
                trainable=True),
+    _bias("layers/*/q_bias_swiftkv", "model.layers.{i}.self_attn.q_proj_swiftkv.bias", None,
+          (HEADS, HEAD_DIM), where="upper", when="swiftkv_bias", trainable=True),
     _norm("swiftkv/norm", "model.norm_swiftkv.weight", None, where="model", when="swiftkv",
           trainable=True),
     TensorKind("swiftkv/k_proj", (KV_GROUP, EMBED, KV_HEADS, HEAD_DIM),
@@ -146,6 +169,10 @@ SCHEMA: tuple[TensorKind, ...] = (
     TensorKind("swiftkv/v_proj", (KV_GROUP, EMBED, KV_HEADS, HEAD_DIM),
                "model.layers.{i}.self_attn.v_proj_swiftkv.weight", where="leaders", when="swiftkv",
                trainable=True),
+    _bias("swiftkv/k_bias", "model.layers.{i}.self_attn.k_proj_swiftkv.bias", None,
+          (KV_GROUP, KV_HEADS, HEAD_DIM), where="leaders", when="swiftkv_bias", trainable=True),
+    _bias("swiftkv/v_bias", "model.layers.{i}.self_attn.v_proj_swiftkv.bias", None,
+          (KV_GROUP, KV_HEADS, HEAD_DIM), where="leaders", when="swiftkv_bias", trainable=True),
 )
 KINDS: dict[str, TensorKind] = {k.name: k for k in SCHEMA}
 
@@ -180,15 +207,21 @@ class Tensor:
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
-        """Shape of one HF tensor of it: Linear weights are [out, in]."""
+        """Shape of one HF tensor of it: Linear weights are [out, in], biases flat."""
+        if self.kind.hf_flat:
+            return (math.prod(self.slice_shape),)
         return self._matrix()[::-1] if self.kind.in_axes else self.slice_shape
 
     def from_hf(self, w: np.ndarray) -> np.ndarray:
         """One HF tensor -> our layout (of one slice, for stacked kinds)."""
+        if self.kind.hf_flat:
+            return w.reshape(self.slice_shape)
         return w.T.reshape(self.slice_shape) if self.kind.in_axes else w
 
     def to_hf(self, x: np.ndarray) -> np.ndarray:
         """Our layout (of one slice) -> the HF tensor."""
+        if self.kind.hf_flat:
+            return x.reshape(-1)
         return x.reshape(self._matrix()).T if self.kind.in_axes else x
 
 
@@ -311,6 +344,8 @@ class Params:
         known: the distillation teacher uses them);
       swiftkv (SwiftKV only): norm {weight [D]}, k_proj/v_proj [G, D, K, h] for the G group leaders,
         stacked so one einsum projects every group.
+      Qwen2 adds q_bias [H, h], k_bias/v_bias [K, h] per layer (q_bias_swiftkv on layers >= L,
+      swiftkv k_bias/v_bias [G, K, h]); Qwen3 adds q_norm/k_norm {weight [h]} per layer.
     """
 
     weights: Weights

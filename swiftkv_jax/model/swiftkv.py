@@ -1,4 +1,4 @@
-"""Plain Llama params -> SwiftKV params, with the initialisation rules of SWIFTKV.md."""
+"""Plain (Llama or Qwen2) params -> SwiftKV params, with the initialisation rules of SWIFTKV.md."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ def to_swiftkv(params: Params, num_key_value_layers: int, group_size: int = 1) -
     """SwiftKV params with L = `num_key_value_layers` and AcrossKV group size `group_size`.
 
     q_proj_swiftkv <- q_proj; a group leader's k/v_proj_swiftkv <- mean of k/v_proj over its g
-    layers; norm_swiftkv <- layer L's input_layernorm. The upper layers keep their original
-    q/k/v_proj, which the distillation teacher uses.
+    layers; norm_swiftkv <- layer L's input_layernorm; biases (Qwen2) likewise. The upper layers
+    keep their original q/k/v_proj, which the distillation teacher uses.
     """
     cfg = params.config
     if cfg.swiftkv:
@@ -25,8 +25,11 @@ def to_swiftkv(params: Params, num_key_value_layers: int, group_size: int = 1) -
     weights = dict(params.weights, layers=layers)
     if L == cfg.num_layers:
         return Params(weights, new_cfg)
+    bias = cfg.attention_bias
     for layer in layers[L:]:
         layer["q_proj_swiftkv"] = layer["q_proj"]
+        if bias:
+            layer["q_bias_swiftkv"] = layer["q_bias"]
 
     def group_mean(name: str) -> jax.Array:
         w = jnp.stack([layer[name] for layer in layers[L:]])
@@ -38,6 +41,8 @@ def to_swiftkv(params: Params, num_key_value_layers: int, group_size: int = 1) -
         "k_proj": group_mean("k_proj"),
         "v_proj": group_mean("v_proj"),
     }
+    if bias:
+        weights["swiftkv"].update(k_bias=group_mean("k_bias"), v_bias=group_mean("v_bias"))
     return Params(weights, new_cfg)
 
 
@@ -51,12 +56,12 @@ def swiftkv_off(params: Params) -> Params:
     if not cfg.swiftkv:
         return params
     upper = params.weights["layers"][cfg.num_key_value_layers:]
-    missing = [cfg.num_key_value_layers + i for i, layer in enumerate(upper)
-               if not {"q_proj", "k_proj", "v_proj"} <= layer.keys()]
+    needed = {"q_proj", "k_proj", "v_proj"} | ({"q_bias", "k_bias", "v_bias"} if cfg.attention_bias else set())
+    missing = [cfg.num_key_value_layers + i for i, layer in enumerate(upper) if not needed <= layer.keys()]
     if missing:
         raise ConfigError(f"layers {missing} hold no original q/k/v_proj (only their SwiftKV "
                           "projections), so this checkpoint cannot run with SwiftKV off")
-    layers = [{k: v for k, v in layer.items() if k != "q_proj_swiftkv"}
+    layers = [{k: v for k, v in layer.items() if k not in ("q_proj_swiftkv", "q_bias_swiftkv")}
               for layer in params.weights["layers"]]
     weights = {k: v for k, v in params.weights.items() if k not in ("layers", "swiftkv")}
     return Params(dict(weights, layers=layers),

@@ -24,7 +24,7 @@ from .layers import (
     apply_rope,
     attention_input,
     finish_layer,
-    project,
+    queries,
     rms_norm,
     rope_angles,
 )
@@ -37,6 +37,9 @@ def group_kv(w: Weights, config: ModelConfig, h_l: jax.Array, rope: Rope
     s = rms_norm(h_l, w["norm"]["weight"], config.rms_norm_eps)
     k = jnp.einsum("btd,gdkh->gbtkh", s, w["k_proj"].astype(s.dtype))
     v = jnp.einsum("btd,gdkh->gbtkh", s, w["v_proj"].astype(s.dtype))
+    if "k_bias" in w:  # Qwen2: the SwiftKV projections have biases too, [G, K, h]
+        k = k + w["k_bias"][:, None, None].astype(k.dtype)
+        v = v + w["v_bias"][:, None, None].astype(v.dtype)
     return jax.vmap(lambda kg: apply_rope(kg, rope))(k), v
 
 
@@ -45,7 +48,7 @@ def swiftkv_layer(w: Weights, config: ModelConfig, h: jax.Array, q_pos: jax.Arra
                   kv: KVView) -> jax.Array:
     """A layer >= L: its own SwiftKV queries over its group's keys and values. Jitted, as
     layers.decoder_layer, so the upper layers are traced once."""
-    q = apply_rope(project(attention_input(w, config, h), w["q_proj_swiftkv"]), rope)
+    q = queries(w, config, attention_input(w, config, h), rope, "q_proj_swiftkv")
     return finish_layer(w, config, h, q, kv, q_pos)
 
 
