@@ -51,7 +51,8 @@ HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Conf
               "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 
 
-def make_hf_llama(folder: Path, seed: int = 0, family: str = "llama", **overrides) -> "transformers.PreTrainedModel":
+def make_hf_llama(folder: Path, seed: int = 0, family: str = "llama",
+                  **overrides) -> "transformers.PreTrainedModel":
     """A random tiny Llama (or Qwen2 / Qwen3: `family`) saved with save_pretrained into `folder`;
     returns the torch model. Norm weights and biases are random too (transformers starts them at
     one and zero), so a mixed-up norm or a dropped bias cannot pass unnoticed."""

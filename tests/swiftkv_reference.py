@@ -1,5 +1,5 @@
 """An independent PyTorch SwiftKV reference, written from the formulas of SWIFTKV.md on top of
-transformers' Llama modules. It runs every layer for every token (no cache, no skipping), so it
+transformers' Llama (or Qwen2: q/k/v and SwiftKV projections with biases) modules. It runs every layer for every token (no cache, no skipping), so it
 shares nothing with our prefill-skipping JAX path except the formulas.
 """
 
@@ -33,16 +33,22 @@ class SwiftKVReference(torch.nn.Module):
         self.k_swift = {l: rand(cfg.num_key_value_heads * hd, d) for l in range(self.L, n, group_size)}
         self.v_swift = {l: rand(cfg.num_key_value_heads * hd, d) for l in range(self.L, n, group_size)}
         self.head_dim = hd
+        # Qwen2 (ArcticTraining's Qwen2SwiftKV): every SwiftKV projection has a bias.
+        self.biased = base.model.layers[0].self_attn.q_proj.bias is not None
+        bias = (lambda size: torch.randn(size, generator=gen) * 0.3) if self.biased else (lambda size: None)
+        self.q_swift_bias = {l: bias(cfg.num_attention_heads * hd) for l in self.q_swift}
+        self.k_swift_bias = {l: bias(cfg.num_key_value_heads * hd) for l in self.k_swift}
+        self.v_swift_bias = {l: bias(cfg.num_key_value_heads * hd) for l in self.k_swift}
 
     def leader(self, layer: int) -> int:
         return self.L + self.g * ((layer - self.L) // self.g)
 
-    def _attention(self, layer, x, kv_input, q_weight, k_weight, v_weight, cos, sin):
+    def _attention(self, layer, x, kv_input, q, k, v, cos, sin):
+        """q, k, v: (weight, bias or None) of each projection."""
         attn, (b, t, _) = layer.self_attn, x.shape
         cfg, hd = self.base.config, self.head_dim
-        q = (x @ q_weight.T).view(b, t, -1, hd).transpose(1, 2)
-        k = (kv_input @ k_weight.T).view(b, t, -1, hd).transpose(1, 2)
-        v = (kv_input @ v_weight.T).view(b, t, -1, hd).transpose(1, 2)
+        linear = lambda inp, wb: torch.nn.functional.linear(inp, *wb).view(b, t, -1, hd).transpose(1, 2)
+        q, k, v = linear(x, q), linear(kv_input, k), linear(kv_input, v)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         groups = cfg.num_attention_heads // cfg.num_key_value_heads
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
@@ -61,12 +67,15 @@ class SwiftKVReference(torch.nn.Module):
             x = layer.input_layernorm(h)
             a = layer.self_attn
             if l < self.L:
-                out = self._attention(layer, x, x, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, cos, sin)
+                own = [(p.weight, p.bias) for p in (a.q_proj, a.k_proj, a.v_proj)]
+                out = self._attention(layer, x, x, *own, cos, sin)
             else:
                 if s is None:
                     s = self.norm_swiftkv(h)  # h is h_L, the input of layer L
                 j = self.leader(l)
-                out = self._attention(layer, x, s, self.q_swift[l], self.k_swift[j], self.v_swift[j], cos, sin)
+                out = self._attention(layer, x, s, (self.q_swift[l], self.q_swift_bias[l]),
+                                      (self.k_swift[j], self.k_swift_bias[j]),
+                                      (self.v_swift[j], self.v_swift_bias[j]), cos, sin)
             h = h + out
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.base.lm_head(m.norm(h))
@@ -89,10 +98,17 @@ class SwiftKVReference(torch.nn.Module):
         for l in self.k_swift:
             self.k_swift[l] = stored[f"model.layers.{l}.self_attn.k_proj_swiftkv.weight"]
             self.v_swift[l] = stored[f"model.layers.{l}.self_attn.v_proj_swiftkv.weight"]
+        if self.biased:
+            for l in self.q_swift:
+                self.q_swift_bias[l] = stored[f"model.layers.{l}.self_attn.q_proj_swiftkv.bias"]
+            for l in self.k_swift:
+                self.k_swift_bias[l] = stored[f"model.layers.{l}.self_attn.k_proj_swiftkv.bias"]
+                self.v_swift_bias[l] = stored[f"model.layers.{l}.self_attn.v_proj_swiftkv.bias"]
         return self
 
     def save_llama_swiftkv(self, folder: Path, with_original_qkv: bool = True) -> None:
-        """Writes a Snowflake-format llama_swiftkv folder (config fields + *_swiftkv tensors)."""
+        """Writes a Snowflake-format llama_swiftkv (or qwen2_swiftkv) folder: config fields +
+        *_swiftkv tensors."""
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in self.base.state_dict().items()}
         if self.base.config.tie_word_embeddings:
@@ -103,12 +119,20 @@ class SwiftKVReference(torch.nn.Module):
             if l in self.k_swift:
                 tensors[prefix + "k_proj_swiftkv.weight"] = self.k_swift[l].contiguous()
                 tensors[prefix + "v_proj_swiftkv.weight"] = self.v_swift[l].contiguous()
+            if self.biased:
+                tensors[prefix + "q_proj_swiftkv.bias"] = self.q_swift_bias[l].contiguous()
+                if l in self.k_swift:
+                    tensors[prefix + "k_proj_swiftkv.bias"] = self.k_swift_bias[l].contiguous()
+                    tensors[prefix + "v_proj_swiftkv.bias"] = self.v_swift_bias[l].contiguous()
             if not with_original_qkv:
                 for p in ("q_proj", "k_proj", "v_proj"):
-                    tensors.pop(prefix + p + ".weight")
+                    for part in ("weight", "bias"):
+                        tensors.pop(f"{prefix}{p}.{part}", None)
         tensors["model.norm_swiftkv.weight"] = self.norm_swiftkv.weight.detach().clone()
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
         cfg = self.base.config.to_dict()
-        cfg.update(model_type="llama_swiftkv", architectures=["LlamaSwiftKVForCausalLM"], swiftkv=True,
+        family = cfg["model_type"]
+        arch = {"llama": "LlamaSwiftKVForCausalLM", "qwen2": "Qwen2SwiftKVForCausalLM"}[family]
+        cfg.update(model_type=f"{family}_swiftkv", architectures=[arch], swiftkv=True,
                    num_key_value_layers=self.L, key_value_group_size=self.g)
         (folder / "config.json").write_text(json.dumps(cfg, indent=2))

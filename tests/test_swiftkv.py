@@ -20,12 +20,13 @@ from swiftkv_jax.model.forward import lower_hidden, upper_logits
 N = 6  # layers of the tiny model: L = 2 leaves 4 upper layers, so g = 1, 2 and 4 all fit
 
 
-@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda g: f"g{g}")
+@pytest.fixture(scope="module", params=[("llama", 1), ("llama", 2), ("llama", 4), ("qwen2", 1), ("qwen2", 2)],
+                ids=lambda p: f"{p[0]}_g{p[1]}")
 def swiftkv_pair(request, tmp_path_factory):
-    """(our params, torch reference) for a tiny GQA model with L = 2 and group size g."""
-    g = request.param
-    folder = tmp_path_factory.mktemp(f"swiftkv_g{g}")
-    base = make_hf_llama(folder / "base", num_hidden_layers=N, num_attention_heads=4,
+    """(our params, torch reference) for a tiny GQA Llama or Qwen2 with L = 2 and group size g."""
+    family, g = request.param
+    folder = tmp_path_factory.mktemp(f"swiftkv_{family}_g{g}")
+    base = make_hf_llama(folder / "base", family=family, num_hidden_layers=N, num_attention_heads=4,
                          num_key_value_heads=2, tie_word_embeddings=(g == 2))
     ref = SwiftKVReference(base, num_key_value_layers=2, group_size=g, seed=g)
     ref.save_llama_swiftkv(folder / "swiftkv", with_original_qkv=(g != 4))
@@ -86,15 +87,23 @@ def test_export_then_import_is_bit_identical_with_exact_names(swiftkv_pair, tmp_
         assert np.array_equal(a, b)
     names = set(load_file(tmp_path / "out" / "model.safetensors"))
     L, g = 2, ref.g
+    parts = ("weight", "bias") if ref.biased else ("weight",)
     expected_swift = {"model.norm_swiftkv.weight"} | {
-        f"model.layers.{l}.self_attn.q_proj_swiftkv.weight" for l in range(L, N)} | {
-        f"model.layers.{l}.self_attn.{p}_swiftkv.weight" for l in range(L, N, g) for p in ("k_proj", "v_proj")}
+        f"model.layers.{l}.self_attn.q_proj_swiftkv.{part}" for l in range(L, N) for part in parts} | {
+        f"model.layers.{l}.self_attn.{p}_swiftkv.{part}" for l in range(L, N, g) for p in ("k_proj", "v_proj")
+        for part in parts}
     assert {n for n in names if "swiftkv" in n} == expected_swift
     has_qkv = g != 4  # the g=4 checkpoint was written without the upper layers' original q/k/v
     assert ("model.layers.5.self_attn.k_proj.weight" in names) == has_qkv
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert cfg["model_type"] == "llama_swiftkv" and cfg["architectures"] == ["LlamaSwiftKVForCausalLM"]
+    family, arch = ("qwen2", "Qwen2") if ref.biased else ("llama", "Llama")
+    assert cfg["model_type"] == f"{family}_swiftkv" and cfg["architectures"] == [f"{arch}SwiftKVForCausalLM"]
     assert (cfg["num_key_value_layers"], cfg["key_value_group_size"], cfg["swiftkv"]) == (L, g, True)
+    # The reference reads our export back (its own loader, Hugging Face names): the same model.
+    reread = SwiftKVReference(ref.base, L, g, seed=99)
+    reread.load_swiftkv_tensors(tmp_path / "out" / "model.safetensors")
+    ids = torch.tensor(prompts(params.config.vocab_size, [12], seed=6))
+    assert rel_err(reread(ids).numpy(), ref(ids).numpy()) <= 1e-6
 
 
 def test_num_key_value_layers_equal_n_is_the_plain_model(gqa_model):
@@ -108,15 +117,20 @@ def test_num_key_value_layers_equal_n_is_the_plain_model(gqa_model):
     assert np.array_equal(a, b)
 
 
-def test_initialisation_rules_on_the_tensors(gqa_model):
-    folder, _ = gqa_model
-    base, _ = sk.load(folder, progress=False)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_initialisation_rules_on_the_tensors(tmp_path, family):
+    make_hf_llama(tmp_path, family=family, num_attention_heads=4, num_key_value_heads=2)
+    base, _ = sk.load(tmp_path, progress=False)
     n = base.config.num_layers
     sw = sk.to_swiftkv(base, n - 1, 1)
     top, w = base.weights["layers"][n - 1], sw.weights
     assert np.array_equal(w["layers"][n - 1]["q_proj_swiftkv"], top["q_proj"])
     assert np.array_equal(w["swiftkv"]["k_proj"][0], top["k_proj"])
     assert np.array_equal(w["swiftkv"]["v_proj"][0], top["v_proj"])
+    if family == "qwen2":
+        assert np.array_equal(w["layers"][n - 1]["q_bias_swiftkv"], top["q_bias"])
+        assert np.array_equal(w["swiftkv"]["k_bias"][0], top["k_bias"])
+        assert np.array_equal(w["swiftkv"]["v_bias"][0], top["v_bias"])
     assert np.array_equal(w["swiftkv"]["norm"]["weight"], top["input_layernorm"]["weight"])
     for a, b in zip(jax.tree.leaves(base.weights["layers"][:n - 1]), jax.tree.leaves(w["layers"][:n - 1])):
         assert np.array_equal(a, b)
@@ -140,6 +154,15 @@ def test_group_initialisation_is_the_mean_of_the_group(gqa_model):
     layers = base.weights["layers"]
     np.testing.assert_allclose(sw.weights["swiftkv"]["k_proj"][0],
                                (layers[1]["k_proj"] + layers[2]["k_proj"]) / 2, rtol=1e-6)
+
+
+def test_group_initialisation_of_qwen2_biases_is_the_mean(tmp_path):
+    make_hf_llama(tmp_path, family="qwen2")
+    base, _ = sk.load(tmp_path, progress=False)  # 3 layers: L = 1, g = 2
+    sw, layers = sk.to_swiftkv(base, 1, 2), base.weights["layers"]
+    for name in ("k_bias", "v_bias"):
+        np.testing.assert_allclose(sw.weights["swiftkv"][name][0], (layers[1][name] + layers[2][name]) / 2,
+                                   rtol=1e-6)
 
 
 def test_bad_layers_and_groups_are_refused(gqa_model):

@@ -65,7 +65,8 @@ def read_metadata(reader: Any) -> dict[str, Any]:
 
 
 def load_gguf(path: str | Path, dtype: Any = jnp.float32, progress: bool = True) -> Params:
-    """Params from a Llama / Qwen2 / Qwen3 GGUF file, dequantizing any tensor type the gguf package supports."""
+    """Params from a Llama / Qwen2 / Qwen3 GGUF file, dequantizing any tensor type the gguf
+    package supports."""
     import gguf
     try:
         reader = gguf.GGUFReader(str(path))

@@ -1,4 +1,5 @@
-"""The Llama (and Qwen2 / Qwen3) building blocks as pure functions of a params subtree: norm, RoPE, MLP, decoder layer.
+"""The Llama (and Qwen2 / Qwen3) building blocks as pure functions of a params subtree: norm,
+RoPE, MLP, decoder layer.
 
 A decoder layer is `(h, kv_state) -> (h, kv_state)`: it takes its K/V state explicitly (a cache
 slot's pools, or nothing without a cache; see kv_access.py) and returns it updated, as Flax's

@@ -48,7 +48,8 @@ class TensorKind:
     hf:         Hugging Face name; "{i}" is the layer (for stacked kinds: each group leader's)
     gguf:       llama.cpp name ("{i}" likewise), or None when GGUF files do not hold it
     in_axes:    how many leading dims (of one HF tensor: a stacked kind's axis 0 not counted) are
-                the input side of a Linear (HF stores [out, in]); 0 for tensors whose layout is the same in both (norms, the embedding table)
+                the input side of a Linear (HF stores [out, in]); 0 for tensors whose layout is the
+                same in both (norms, the embedding table)
     init:       "normal" (std 0.02), "ones" or "zeros", for random weights (SwiftKV kinds start from the
                 base model's weights by swiftkv.to_swiftkv's rules instead)
     where:      "model" (once), "layers" (every layer), "upper" (layers >= L) or "leaders"

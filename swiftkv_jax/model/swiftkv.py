@@ -56,7 +56,9 @@ def swiftkv_off(params: Params) -> Params:
     if not cfg.swiftkv:
         return params
     upper = params.weights["layers"][cfg.num_key_value_layers:]
-    needed = {"q_proj", "k_proj", "v_proj"} | ({"q_bias", "k_bias", "v_bias"} if cfg.attention_bias else set())
+    needed = {"q_proj", "k_proj", "v_proj"}
+    if cfg.attention_bias:
+        needed |= {"q_bias", "k_bias", "v_bias"}
     missing = [cfg.num_key_value_layers + i for i, layer in enumerate(upper) if not needed <= layer.keys()]
     if missing:
         raise ConfigError(f"layers {missing} hold no original q/k/v_proj (only their SwiftKV "
