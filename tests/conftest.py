@@ -89,6 +89,13 @@ def gqa_model(tmp_path_factory):
     return folder, make_hf_llama(folder, **TINY_CONFIGS["gqa_tied"])
 
 
+@pytest.fixture(scope="session")
+def qwen2_model(tmp_path_factory):
+    """One tiny Qwen2 (q/k/v biases, tied embeddings) for tests that need one."""
+    folder = tmp_path_factory.mktemp("qwen2")
+    return folder, make_hf_llama(folder, **TINY_CONFIGS["qwen2_gqa_tied"])
+
+
 def rel_err(ours, ref) -> float:
     """max |ours - ref| / max |ref|."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)

@@ -25,11 +25,17 @@ CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layer
                   num_kv_heads=2, head_dim=8, eos_token_ids=(2,))
 
 
-def tiny_swiftkv(L: int = 1, g: int = 2) -> sk.Params:
-    """A random model whose teacher and student differ clearly (std 0.1 weights, not 0.02)."""
-    base = sk.init_params(CFG, jax.random.PRNGKey(0))
-    base = sk.Params(jax.tree.map(lambda x: 5 * x if x.ndim >= 2 else x, base.weights), base.config)
-    return sk.to_swiftkv(base, L, g)
+def tiny_swiftkv(L: int = 1, g: int = 2, cfg: ModelConfig = CFG) -> sk.Params:
+    """A random model whose teacher and student differ clearly (std 0.1 weights, not 0.02; random
+    q/k/v biases where the config has them)."""
+    base = sk.init_params(cfg, jax.random.PRNGKey(0))
+    weights = jax.tree.map(lambda x: 5 * x if x.ndim >= 2 else x, base.weights)
+    rng = np.random.default_rng(1)
+    for layer in weights["layers"]:
+        for name in ("q_bias", "k_bias", "v_bias"):
+            if name in layer:
+                layer[name] = jnp.asarray(0.5 * rng.standard_normal(layer[name].shape), jnp.float32)
+    return sk.to_swiftkv(sk.Params(weights, cfg), L, g)
 
 
 def random_data(rows: int = 12, seq_len: int = 16, seed: int = 0) -> Packed:
@@ -300,20 +306,29 @@ def test_to_swiftkv_bad_group_size_is_a_config_error():
         sk.to_swiftkv(sk.init_params(CFG, jax.random.PRNGKey(0)), 2, 2)
 
 
-def test_least_squares_kv_init_fits_the_layers_own_keys_and_values():
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_least_squares_kv_init_fits_the_layers_own_keys_and_values(family):
     from swiftkv_jax.train.kv_init import fit_swiftkv_kv, layer_inputs
 
-    params, data = tiny_swiftkv(L=2, g=1), random_data(rows=8, seq_len=16)
+    biased = family == "qwen2"
+    params = tiny_swiftkv(L=2, g=1, cfg=CFG.replace(family=family, attention_bias=biased))
+    data = random_data(rows=8, seq_len=16)
     fitted = fit_swiftkv_kv(params, data.tokens, ridge=1e-9)
     sw, layers = fitted.weights["swiftkv"], params.weights["layers"]
     # Layer L's own input is exactly s (norm_swiftkv starts as its input_layernorm): exact fit.
     np.testing.assert_allclose(sw["k_proj"][0], layers[2]["k_proj"], atol=1e-3)
     np.testing.assert_allclose(sw["v_proj"][0], layers[2]["v_proj"], atol=1e-3)
+    if biased:
+        np.testing.assert_allclose(sw["k_bias"][0], layers[2]["k_bias"], atol=1e-3)
+        np.testing.assert_allclose(sw["v_bias"][0], layers[2]["v_bias"], atol=1e-3)
     s, xs = layer_inputs(params, jnp.asarray(data.tokens))
+    bias = lambda p, j: p["k_bias"][j] if biased else 0.0
     for j in (1, 2):  # later layers: the fit explains their keys better than their own weights do
-        target = jnp.einsum("btd,dkh->btkh", xs[j], layers[2 + j]["k_proj"])
-        err = lambda w: float(jnp.mean((jnp.einsum("btd,dkh->btkh", s, w) - target) ** 2))
-        assert err(sw["k_proj"][j]) < 0.9 * err(params.weights["swiftkv"]["k_proj"][j])
+        target = jnp.einsum("btd,dkh->btkh", xs[j], layers[2 + j]["k_proj"]) + (
+            layers[2 + j]["k_bias"] if biased else 0.0)
+        err = lambda p: float(jnp.mean((jnp.einsum("btd,dkh->btkh", s, p["k_proj"][j]) + bias(p, j)
+                                        - target) ** 2))
+        assert err(sw) < 0.9 * err(params.weights["swiftkv"])
     assert evaluate(fitted, data)["kl"] < evaluate(params, data)["kl"]
     frozen = lambda p: {k: v for k, v in p.weights.items() if k != "swiftkv"}
     assert leaves_equal(frozen(fitted), frozen(params))

@@ -35,12 +35,15 @@ def plain(gqa_model):
     return sk.load(folder, progress=False)[0]
 
 
-@pytest.fixture(scope="module", params=["plain", "swiftkv_g1", "swiftkv_g2"])
+@pytest.fixture(scope="module", params=["plain", "swiftkv_g1", "swiftkv_g2", "qwen2_swiftkv_g2"])
 def model(request, plain):
     if request.param == "swiftkv_g1":
         return sk.to_swiftkv(plain, 1, 1)
     if request.param == "swiftkv_g2":
         return sk.to_swiftkv(plain, 1, 2)
+    if request.param == "qwen2_swiftkv_g2":  # biases on the lower layers' and SwiftKV's projections
+        folder, _ = request.getfixturevalue("qwen2_model")
+        return sk.to_swiftkv(sk.load(folder, progress=False)[0], 1, 2)
     return plain
 
 
@@ -117,9 +120,10 @@ def test_without_the_prefix_cache_nothing_is_reused_or_kept(plain):
     assert_all_returned(engine)
 
 
-def test_engine_answers_like_transformers(gqa_model, plain):
-    _, torch_model = gqa_model
-    engine = Engine(plain, **GEOMETRY)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_engine_answers_like_transformers(request, family):
+    folder, torch_model = request.getfixturevalue("gqa_model" if family == "llama" else "qwen2_model")
+    engine = Engine(sk.load(folder, progress=False)[0], **GEOMETRY)
     work = workload(1, n=6)
     handles = [engine.submit(p, greedy(n)) for p, n in work]
     for h, (p, n) in zip(handles, work):

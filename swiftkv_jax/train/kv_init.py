@@ -6,6 +6,8 @@ each group's projections are instead the ridge regression of the (pre-RoPE) keys
 the base model's own layers produce from their own inputs, on `s`:
 `W = argmin sum_l ||S W - X_l W_l||^2 = (S^T S + r I)^-1 S^T mean_l(X_l W_l)`, l over the group.
 RoPE is the same rotation on both sides, so fitting before it is exact for keys too.
+Models with q/k/v biases (Qwen2) fit the SwiftKV bias with the weight: S gets a column of ones
+(not regularised) and the targets are X_l W_l + b_l.
 """
 
 from __future__ import annotations
@@ -43,27 +45,36 @@ def fit_swiftkv_kv(params: Params, tokens: np.ndarray, weights: np.ndarray | Non
     the mean diagonal of S^T S."""
     cfg = params.config
     L, g, G = cfg.num_key_value_layers, cfg.key_value_group_size, cfg.num_kv_groups
-    d = cfg.hidden_size
+    d, biased = cfg.hidden_size, cfg.attention_bias
+    n = d + biased  # the regression's inputs: s, and a constant 1 for the bias
     layers = params.weights["layers"]
-    gram = np.zeros((d, d))
-    cross = {name: np.zeros((G, d, cfg.num_kv_heads * cfg.head_dim)) for name in ("k_proj", "v_proj")}
+    gram = np.zeros((n, n))
+    cross = {name: np.zeros((G, n, cfg.num_kv_heads * cfg.head_dim)) for name in ("k", "v")}
     collect = jax.jit(layer_inputs)
     for start in range(0, len(tokens), batch_size):
         s, xs = collect(params, jnp.asarray(tokens[start:start + batch_size]))
         keep = (np.ones(s.shape[:2], bool) if weights is None
                 else np.asarray(weights[start:start + batch_size]) > 0).reshape(-1)
         s = np.asarray(s, np.float64).reshape(-1, d)[keep]
+        if biased:
+            s = np.concatenate([s, np.ones((len(s), 1))], axis=1)
         gram += s.T @ s
         for j, x in enumerate(xs):
             x = np.asarray(x, np.float64).reshape(-1, d)[keep]
             sx = s.T @ x  # S^T X_l, so S^T X_l W_l costs one D x D product per weight
             for name in cross:
-                w = np.asarray(layers[L + j][name], np.float64).reshape(d, -1)
-                cross[name][j // g] += sx @ w / g
-    gram += ridge * np.trace(gram) / d * np.eye(d)
-    fitted = {name: np.stack([np.linalg.solve(gram, c) for c in cross[name]])
-              for name in cross}
+                w = np.asarray(layers[L + j][f"{name}_proj"], np.float64).reshape(d, -1)
+                target = sx @ w
+                if biased:  # S^T (X_l W_l + 1 b_l^T)
+                    target += np.outer(s.sum(axis=0), np.asarray(layers[L + j][f"{name}_bias"]).reshape(-1))
+                cross[name][j // g] += target / g
+    gram[:d, :d] += ridge * np.trace(gram[:d, :d]) / d * np.eye(d)
+    fitted = {name: np.stack([np.linalg.solve(gram, c) for c in cross[name]]) for name in cross}
     sw = dict(params.weights["swiftkv"])
     for name, w in fitted.items():
-        sw[name] = jnp.asarray(w.reshape(sw[name].shape), sw[name].dtype)
+        proj = sw[f"{name}_proj"]
+        sw[f"{name}_proj"] = jnp.asarray(w[:, :d].reshape(proj.shape), proj.dtype)
+        if biased:
+            bias = sw[f"{name}_bias"]
+            sw[f"{name}_bias"] = jnp.asarray(w[:, d].reshape(bias.shape), bias.dtype)
     return Params(dict(params.weights, swiftkv=sw), cfg)
