@@ -353,3 +353,34 @@ def test_real_model_chat_over_http_equals_generate(tmp_path):
         assert "".join(c.choices[0].delta.content or "" for c in stream) == want
     finally:
         assert server.stop() == 0, server.output()
+
+
+def test_a_qwen2_distilled_on_the_command_line_serves(tmp_path):
+    """A tiny Qwen2 through `swiftkv-jax distill` (SwiftKV with biases, exported as qwen2_swiftkv)
+    and then `swiftkv-jax serve`: the openai client's answer is generate()'s on the export."""
+    import json
+
+    from swiftkv_jax.cli import main
+
+    make_hf_llama(tmp_path / "base", **TINY_CONFIGS["qwen2_gqa_tied"])
+    make_tokenizer(tmp_path / "base")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"how is the {w} ?"},
+                                                     {"role": "assistant", "content": f"the {w} is hot ."}]})
+                            + "\n" for w in ("water", "word", "day", "number", "side", "time") * 3))
+    assert main(["distill", "--model", str(tmp_path / "base"), "-L", "1", "-g", "2", "--data", str(data),
+                 "--seq-len", "32", "--batch-size", "2", "--max-steps", "2", "--held-out-percent", "30",
+                 "--no-text-eval", "--answer-preview-tokens", "4", "--out", str(tmp_path / "run"),
+                 "--export-hf", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["model_type"], config["swiftkv"], config["num_key_value_layers"]) == (
+        "qwen2_swiftkv", True, 1)
+    server = start(tmp_path / "hf", *SERVER_ARGS, log=tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        params, tokenizer = sk.load(tmp_path / "hf", progress=False)
+        answer = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                           extra_body={"ignore_eos": True})
+        assert answer.choices[0].text == reference(params, tokenizer, tokenizer.encode(PROMPTS[0]), 12)[1]
+    finally:
+        assert server.stop() == 0, server.output()
