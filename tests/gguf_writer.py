@@ -1,4 +1,5 @@
-"""Test helper: write a tiny Hugging Face Llama as a llama.cpp-style GGUF file (q/k permuted)."""
+"""Test helper: write a tiny Hugging Face Llama (q/k permuted, as llama.cpp does) or Qwen2 (q/k/v
+biases, no permutation) as a llama.cpp-style GGUF file."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def write_gguf(model, path: Path, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32) -> Path:
-    """Writes `model` (transformers LlamaForCausalLM) to `path`; matrices quantized to `qtype`."""
+    """Writes `model` (transformers LlamaForCausalLM or Qwen2ForCausalLM) to `path`; matrices
+    quantized to `qtype`."""
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    arch = cfg.model_type  # "llama" or "qwen2": the metadata keys' prefix
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -49,10 +52,10 @@ def write_gguf(model, path: Path, qtype: gguf.GGMLQuantizationType = gguf.GGMLQu
         if name.startswith("model.layers."):
             _, _, i, *rest = name.split(".")
             key = ".".join(rest[:-1])
-            gguf_name = f"blk.{i}.{layer_names[key]}.weight"
-            if key == "self_attn.q_proj":
+            gguf_name = f"blk.{i}.{layer_names[key]}.{rest[-1]}"
+            if key == "self_attn.q_proj" and arch == "llama":
                 arr = permute_qk(arr, cfg.num_attention_heads)
-            elif key == "self_attn.k_proj":
+            elif key == "self_attn.k_proj" and arch == "llama":
                 arr = permute_qk(arr, cfg.num_key_value_heads)
         else:
             gguf_name = names[name]

@@ -11,6 +11,23 @@ from gguf_writer import write_gguf
 import swiftkv_jax as sk
 
 
+@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.Q8_0])
+def test_qwen2_gguf_matches_transformers_gguf_loader(tmp_path, qtype):
+    """A Qwen2 file (architecture qwen2: q/k/v biases, q/k rows not permuted)."""
+    torch_model = make_hf_llama(tmp_path / "hf", family="qwen2", num_key_value_heads=2,
+                                hidden_size=64, intermediate_size=64)
+    path = write_gguf(torch_model, tmp_path / "tiny.gguf", qtype)
+    params, _ = sk.load(path, progress=False, tokenizer=False)
+    assert params.config.family == "qwen2" and params.config.attention_bias
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32, attn_implementation="eager").eval()
+    ids = prompts(params.config.vocab_size, [24], seed=0)
+    ours, _ = sk.forward(params, None, jnp.asarray(ids), all_logits=True)
+    assert rel_err(ours, hf_logits(ref_model, ids)) <= 1e-4
+    if qtype == gguf.GGMLQuantizationType.F32:
+        assert rel_err(ours, hf_logits(torch_model, ids)) <= 1e-4
+
+
 @pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
                                    gguf.GGMLQuantizationType.Q8_0])
 @pytest.mark.parametrize("kv_heads,tied", [(2, True), (1, False)])
