@@ -75,6 +75,10 @@ def test_misshaped_tensor_is_named(hf_folder):
     ({"mlp_bias": True}, "mlp_bias"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type"),
     ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+    ({"model_type": "qwen3", "attention_bias": True}, "attention_bias"),
+    ({"model_type": "qwen3_swiftkv"}, "model_type"),
+    ({"model_type": "qwen2_moe"}, "model_type"),
 ])
 def test_unsupported_config_names_the_field(hf_folder, change, field):
     cfg = json.loads((hf_folder / "config.json").read_text())
@@ -83,6 +87,13 @@ def test_unsupported_config_names_the_field(hf_folder, change, field):
     (hf_folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=field):
         sk.load(hf_folder)
+
+
+def test_swiftkv_of_a_qwen3_is_refused_by_name():
+    cfg = sk.ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
+                         num_kv_heads=1, head_dim=4, family="qwen3", qk_norm=True)
+    with pytest.raises(ConfigError, match="not defined for the qwen3 family"):
+        sk.to_swiftkv(sk.init_params(cfg, jax.random.PRNGKey(0)), 1)
 
 
 def test_gpt2_config_from_transformers_is_refused():
