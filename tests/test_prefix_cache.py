@@ -16,9 +16,9 @@ from swiftkv_jax.runtime.prefix_cache import admit, empty_index, register
 BS = 8  # block size of these tests
 
 
-@pytest.fixture(scope="module", params=["plain", "swiftkv_g1", "swiftkv_g2"])
+@pytest.fixture(scope="module", params=["plain", "swiftkv_g1", "swiftkv_g2", "qwen2"])
 def model(request, gqa_model):
-    folder, _ = gqa_model
+    folder, _ = request.getfixturevalue("qwen2_model") if request.param == "qwen2" else gqa_model
     params, _ = sk.load(folder, progress=False)  # 3 layers
     if request.param == "swiftkv_g1":
         params = sk.to_swiftkv(params, 1, 1)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 from conftest import hf_logits, make_hf_llama, prompts, rel_err
@@ -38,8 +39,9 @@ def test_bf16_safetensors(tmp_path):
     assert rel_err(ours, ref) <= 1e-4
 
 
-def test_orbax_checkpoint_round_trip_is_bit_identical(tmp_path, gqa_model):
-    folder, _ = gqa_model
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_orbax_checkpoint_round_trip_is_bit_identical(tmp_path, request, family):
+    folder, _ = request.getfixturevalue("gqa_model" if family == "llama" else "qwen2_model")
     params, _ = sk.load(folder, progress=False)
     sk.save_checkpoint(params, tmp_path / "ckpt")
     restored, _ = sk.load(tmp_path / "ckpt")
@@ -50,8 +52,9 @@ def test_orbax_checkpoint_round_trip_is_bit_identical(tmp_path, gqa_model):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_exported_hf_folder_loads_in_transformers(tmp_path, gqa_model):
-    folder, hf = gqa_model
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_exported_hf_folder_loads_in_transformers(tmp_path, request, family):
+    folder, hf = request.getfixturevalue("gqa_model" if family == "llama" else "qwen2_model")
     params, _ = sk.load(folder, progress=False)
     sk.save_hf_folder(params, tmp_path / "export")
     again, _ = sk.load(tmp_path / "export", progress=False)
