@@ -12,11 +12,24 @@ def user_cache_dir(env: str, name: str) -> Path:
     return Path(os.environ.get(env) or Path.home() / ".cache" / "swiftkv-jax" / name)
 
 
+# A size limit makes JAX's cache take a file lock around every read and write: without one, a
+# process could read an entry another process was still writing, and deserialising that half-written
+# executable killed the process (a test worker segfaulted in compilation_cache.get_executable_and_time
+# while the other worker wrote the same program). Old entries beyond the limit are evicted.
+CACHE_MAX_BYTES = 8 << 30
+
+
+def share_compilation_cache(folder: Path | str, min_compile_time_s: float = 0.0) -> None:
+    """JAX's persistent compilation cache in `folder`, safe to share between processes."""
+    import jax
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+
+
 def enable_compilation_cache(min_compile_time_s: float = 0.0) -> Path:
     """Compiled programs persist between runs (in $SWIFTKV_JAX_CACHE, default
     ~/.cache/swiftkv-jax/xla), so only the first run of a shape pays compilation. Returns the folder."""
-    import jax
     cache = user_cache_dir("SWIFTKV_JAX_CACHE", "xla")
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
+    share_compilation_cache(cache, min_compile_time_s)
     return cache

@@ -24,6 +24,10 @@ ARCHITECTURES = {"llama": ("LlamaForCausalLM", "LlamaSwiftKVForCausalLM"),
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
+# Fields added after configs were first fingerprinted (see ModelConfig.identity).
+LATER_FIELDS = ("family", "attention_bias", "qk_norm")
+
+
 class ConfigError(ValueError):
     """A model configuration this library cannot run; the message names the field."""
 
@@ -117,6 +121,14 @@ class ModelConfig:
     def kv_bytes_per_token(self, itemsize: int) -> int:
         """KV bytes one token occupies: keys and values of every cache layer slot."""
         return 2 * self.num_cache_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    def identity(self) -> str:
+        """The config as a stable string: the dataclass repr, leaving out fields added later
+        (LATER_FIELDS) while they are at their defaults, so the fingerprints that name caches and
+        check shipped models (made before those fields existed) stay what they were."""
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                 if not (f.name in LATER_FIELDS and getattr(self, f.name) == f.default)]
+        return f"ModelConfig({', '.join(parts)})"
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with `changes` applied (and validated again): the config is frozen."""

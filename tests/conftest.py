@@ -15,9 +15,10 @@ import jax
 import numpy as np
 import pytest
 
+from swiftkv_jax.compile_cache import share_compilation_cache
+
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".jax_cache"
-jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+share_compilation_cache(CACHE_DIR, min_compile_time_s=0.5)  # locked: test workers share it
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # Tokenizers converted from GGUF files are kept beside the compiled programs (and inherited by the
 # notebooks' kernels and the CLI subprocesses), not in the user's ~/.cache.

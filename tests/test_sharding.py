@@ -232,8 +232,8 @@ def _shard_info(x: jax.Array) -> dict:
 
 
 def _compile_cache() -> None:
-    jax.config.update("jax_compilation_cache_dir", str(ROOT / ".jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    from swiftkv_jax.compile_cache import share_compilation_cache
+    share_compilation_cache(ROOT / ".jax_cache", min_compile_time_s=0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 

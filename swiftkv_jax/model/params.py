@@ -374,7 +374,7 @@ class Params:
         """A short hash of the config and slices of the embedding and the last down_proj: names
         a cache of this model's outputs, or checks a base model. With `dtype` the slices are
         rounded to it first, so e.g. float32 and bfloat16 loads of one model hash alike."""
-        h = hashlib.sha1(repr(self.config).encode())
+        h = hashlib.sha1(self.config.identity().encode())
         for x in (self.weights["embed_tokens"][:4], self.weights["layers"][-1]["mlp"]["down_proj"][:4]):
             h.update(np.asarray(x if dtype is None else jnp.asarray(x, dtype)).tobytes())
         return h.hexdigest()[:12]
