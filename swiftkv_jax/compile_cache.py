@@ -12,10 +12,10 @@ def user_cache_dir(env: str, name: str) -> Path:
     return Path(os.environ.get(env) or Path.home() / ".cache" / "swiftkv-jax" / name)
 
 
-# A size limit makes JAX's cache take a file lock around every read and write: without one, a
-# process could read an entry another process was still writing, and deserialising that half-written
-# executable killed the process (a test worker segfaulted in compilation_cache.get_executable_and_time
-# while the other worker wrote the same program). Old entries beyond the limit are evicted.
+# A size limit makes JAX's cache take a file lock around every read and write (without one, its
+# LRUCache writes entries in place, unlocked, and a process can read an entry another process is
+# still writing: the CLI, notebooks, benchmarks and test workers share one folder), and evicts the
+# least recently used entries beyond it.
 CACHE_MAX_BYTES = 8 << 30
 
 

@@ -8,6 +8,7 @@ runs compile less.
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -73,6 +74,17 @@ def make_hf_llama(folder: Path, seed: int = 0, family: str = "llama",
                 p.copy_(0.3 * torch.randn_like(p))
     model.save_pretrained(folder)
     return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """Drops every compiled program after each test module. Each one XLA:CPU holds keeps memory
+    maps, and a test worker that kept them all reached Linux's limit (vm.max_map_count, 65,530:
+    56,000 maps after test_engine + test_prefix_cache), where loading the next program
+    segfaulted. A later module that needs a program again reads it from the compilation cache."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
