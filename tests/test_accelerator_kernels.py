@@ -6,7 +6,6 @@ and after block edges, a padding row, float32 and bfloat16."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,14 +14,6 @@ from test_cpu_kernels import reference
 
 from swiftkv_jax.kernels import gpu as gpu_kernels
 from swiftkv_jax.kernels import tpu as tpu_kernels
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _drop_programs():
-    """Frees this module's compiled programs afterwards (interpret mode compiles many small ones): a test
-    worker holding every program it ever compiled can run out of memory maps in LLVM's JIT."""
-    yield
-    jax.clear_caches()
 
 
 def run_gpu(q, k_pool, v_pool, table, q_pos, bs):

@@ -8,20 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-import jax
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import device_check  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _drop_programs():
-    """Frees this module's compiled programs afterwards (the device check compiles many small ones): a test
-    worker holding every program it ever compiled can run out of memory maps in LLVM's JIT."""
-    yield
-    jax.clear_caches()
 
 
 def test_the_device_check_runs_at_tiny_sizes(tmp_path):
