@@ -12,19 +12,13 @@ def user_cache_dir(env: str, name: str) -> Path:
     return Path(os.environ.get(env) or Path.home() / ".cache" / "swiftkv-jax" / name)
 
 
-# A size limit makes JAX's cache take a file lock around every read and write (without one, its
-# LRUCache writes entries in place, unlocked, and a process can read an entry another process is
-# still writing: the CLI, notebooks, benchmarks and test workers share one folder), and evicts the
-# least recently used entries beyond it.
-CACHE_MAX_BYTES = 8 << 30
-
-
 def share_compilation_cache(folder: Path | str, min_compile_time_s: float = 0.0) -> None:
-    """JAX's persistent compilation cache in `folder`, safe to share between processes."""
+    """JAX's persistent compilation cache in `folder` (the CLI, notebooks, benchmarks and test
+    workers share one). No size limit: with one, JAX would lock and evict, but it also warned on
+    every write into a folder made without one (its LRU expects an access-time file per entry)."""
     import jax
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
-    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
 
 
 def enable_compilation_cache(min_compile_time_s: float = 0.0) -> Path:

@@ -19,7 +19,7 @@ import pytest
 from swiftkv_jax.compile_cache import share_compilation_cache
 
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".jax_cache"
-share_compilation_cache(CACHE_DIR, min_compile_time_s=0.5)  # locked: test workers share it
+share_compilation_cache(CACHE_DIR, min_compile_time_s=0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # Tokenizers converted from GGUF files are kept beside the compiled programs (and inherited by the
 # notebooks' kernels and the CLI subprocesses), not in the user's ~/.cache.
