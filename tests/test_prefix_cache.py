@@ -148,6 +148,25 @@ def _request(draw, rows, per_row, vocab=4):
     return toks, np.array(lengths, np.int32), np.array(written, np.int32)
 
 
+def _check_queue(idx):
+    """The block queue: the free stack holds exactly the free blocks (unregistered, unreferenced),
+    the eviction log's live entries exactly the idle cached blocks, each once, and a cached child
+    comes before its cached parent there (so eviction never strands a reachable chain)."""
+    q = jax.tree.map(np.asarray, idx.queue)
+    reg, refs = np.asarray(idx.registered), np.asarray(idx.ref_count)
+    parent, parent_gen, gen = (np.asarray(x) for x in (idx.block_parent, idx.block_parent_gen, idx.block_gen))
+    free = list(q.free_stack[:int(q.free_top)])
+    assert sorted(free) == list(np.flatnonzero(~reg & (refs == 0)))
+    log = [int(b) for p, b in enumerate(q.log_block[:int(q.log_tail)])
+           if p >= int(q.log_head) and q.stamp[b] == p and reg[b] and refs[b] == 0]
+    assert sorted(log) == list(np.flatnonzero(reg & (refs == 0)))
+    place = {b: i for i, b in enumerate(log)}
+    for b in log:
+        p = parent[b]
+        if p >= 0 and p in place and gen[p] == parent_gen[b]:
+            assert place[b] < place[p]
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_index_invariants_over_random_requests(data):
@@ -169,6 +188,7 @@ def test_index_invariants_over_random_requests(data):
         assert bool(ok)  # the pool always holds one request here
         refs, tab, hit = np.asarray(idx.ref_count), np.asarray(table), np.asarray(hit)
         assert (refs >= 0).all()
+        _check_queue(idx)
         for r in range(rows):
             assert hit[r] < max(lengths[r], 1)  # at least one prompt token is computed
             for j in range(hit[r] // BS):  # a hit holds exactly this row's tokens
@@ -183,6 +203,8 @@ def test_index_invariants_over_random_requests(data):
                 and b not in fresh and b not in hits]
         if evicted and kept:
             assert max(old.last_used[evicted]) <= min(old.last_used[kept])
+        if evicted:  # free blocks are handed out before any cached one is evicted
+            assert {b for b in range(pool) if not old.registered[b] and old.ref_count[b] == 0} <= set(fresh)
         for b in fresh:
             content.pop(b, None)
         for r in range(rows):  # the model would write these tokens' KV
@@ -191,6 +213,7 @@ def test_index_invariants_over_random_requests(data):
         idx = register(idx, table, jnp.asarray(toks), jnp.asarray(written), jnp.asarray(needed), ns)
         reg, refs = np.asarray(idx.registered), np.asarray(idx.ref_count)
         assert (refs == 0).all()  # every reference released
+        _check_queue(idx)
         parent, depth, tokens = (np.asarray(x) for x in (idx.block_parent, idx.block_depth, idx.block_tokens))
         for b in np.flatnonzero(reg):  # every cached block: its tokens and its chain are real
             assert tuple(tokens[b]) == content[int(b)]
@@ -198,3 +221,22 @@ def test_index_invariants_over_random_requests(data):
                 assert parent[b] == -1
             else:
                 assert reg[parent[b]] and depth[parent[b]] == depth[b] - 1
+
+
+def test_the_block_queue_appends_a_block_once_per_call_at_its_last_place_and_slides():
+    from swiftkv_jax.runtime.block_queue import full_queue, put, take
+
+    n = 4
+    q = full_queue(n)
+    q, ids, evicted = take(q, jnp.int32(4), jnp.zeros(n, bool), 4)
+    assert sorted(np.asarray(ids).tolist()) == [0, 1, 2, 3] and int(evicted) == 0 and int(q.free_top) == 0
+    cached = jnp.ones(n, bool)  # all four now cached and idle
+    no = jnp.zeros(5, bool)
+    q = put(q, jnp.asarray([2, 0, 1, 2, 3]), jnp.ones(5, bool), no, cached)
+    assert int(q.log_tail) - int(q.log_head) == 4  # block 2 once, at its second place
+    q, ids, evicted = take(q, jnp.int32(4), cached, 4)
+    assert np.asarray(ids).tolist() == [0, 1, 2, 3] and int(evicted) == 4
+    for _ in range(5):  # 20 appends into a 16-entry log: it slides, nothing is lost
+        q = put(q, jnp.asarray([3, 1, 0, 2, 0]), jnp.ones(5, bool), no, cached)
+    q, ids, _ = take(q, jnp.int32(4), cached, 4)
+    assert np.asarray(ids).tolist() == [3, 1, 2, 0] and int(q.log_tail) <= q.log_block.size

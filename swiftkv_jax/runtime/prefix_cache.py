@@ -10,9 +10,13 @@ fixed-size arrays (no host-side hash map):
     blocks whatever the pool's size (a scan of the whole pool cost 37 ms per 1000-token admission
     at 65,536 blocks on a 2-core EPYC); a block whose probe slots are all taken stays unregistered
     (a later miss, never a wrong answer), and so do its descendants;
-  * blocks carry ref counts (rows using them in the current request) and a last-used clock;
-  * allocation takes free blocks first, then evicts the least recently used unreferenced cached
-    block, the tail of a chain before its head.
+  * blocks carry ref counts (rows using them); a block no row uses waits in the block queue
+    (block_queue.py): on a free stack, or cached in an eviction log in the order it became idle.
+    Allocation takes free blocks first, then evicts the least recently used cached block; a
+    request's chain is queued tail first, and the chain blocks it found registered by another
+    request are queued again with it, so a child leaves the cache before its parent. Admission,
+    publication and release cost a fixed number of steps per block of the request, plus a few
+    vectorised passes over the pool's flags (bench_prefix_index.py).
 A request calls admit() before its prefill, publish() as its blocks are written and release()
 when it ends (register() = both, for a finished batch); users call stats/clear.
 """
@@ -24,6 +28,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .block_queue import BlockQueue, full_queue, put, take
 
 U32 = jnp.uint32
 NO_PARENT = -1
@@ -50,7 +56,8 @@ class PrefixIndex:
     block_namespace: jax.Array  # uint32 namespace of the weights that computed the block
     registered: jax.Array  # bool: holds verified, reusable KV
     ref_count: jax.Array  # int32: rows of the current request using the block
-    last_used: jax.Array  # int32 clock value of the last request that used the block
+    last_used: jax.Array  # int32 clock value when the block was last handed out or queued
+    queue: BlockQueue  # the free blocks and the idle cached ones, in the order they are taken
     clock: jax.Array  # [] int32, +1 per request
     counters: jax.Array  # [3] int32: query tokens, hit tokens, evictions
     table_block: jax.Array  # [T] int32 hash table: a block id (-1: empty), T a power of two
@@ -70,7 +77,8 @@ def empty_index(num_blocks: int, block_size: int, hash_mask: int = 0xFFFFFFFF,
                        block_parent=zeros(), block_parent_gen=zeros(), block_gen=zeros(),
                        block_depth=zeros(), block_namespace=zeros(U32),
                        registered=zeros(jnp.bool_), ref_count=zeros(), last_used=zeros(),
-                       clock=jnp.int32(0), counters=jnp.zeros((3,), jnp.int32),
+                       queue=full_queue(num_blocks), clock=jnp.int32(0),
+                       counters=jnp.zeros((3,), jnp.int32),
                        table_block=jnp.full((slots,), -1, jnp.int32), table_hash=jnp.zeros((slots,), U32),
                        hash_mask=hash_mask, enabled=enabled)
 
@@ -155,41 +163,9 @@ def lookup(idx: PrefixIndex, tokens: jax.Array, max_blocks: jax.Array, block_siz
     return n, ids
 
 
-AGE_LIMIT = (1 << 20) - 1  # requests; blocks unused for longer than this count as equally old
-DEPTH_LIMIT = 1023
-FREE_KEY = 1 << 30  # above every cached block's key: free blocks are taken first
-
-
-def _allocation(idx: PrefixIndex, taken: jax.Array, count: jax.Array, size: int
-                ) -> tuple[jax.Array, jax.Array]:
-    """(the ids of `count` blocks to hand out, padded to `size`; how many blocks are usable):
-    free blocks first, then cached unreferenced ones, least recently used first and, within a
-    request, the deepest (a chain's tail) first; `taken` blocks and referenced ones never.
-
-    No sort of the pool: each usable block gets a key (higher = taken first), the count-th largest
-    key is found by bisection on its value (31 passes over the keys), and the blocks above it,
-    then the first ones equal to it, are picked in one compaction. These passes over the pool are
-    the part of an admission that grows with it (2-core EPYC, bench_prefix_index.py: 0.5 ms at
-    4,096 blocks, 2.5 ms at 65,536). A device-side linked-list queue (vLLM's free-block queue;
-    branch wip/prefix-queue) reads a fixed number of blocks, but XLA:CPU copied the queue arrays
-    on every in-loop update and it ran slower: updates must be batched per request first."""
-    usable = (idx.ref_count == 0) & ~taken
-    age = jnp.clip(idx.clock - idx.last_used, 0, AGE_LIMIT)
-    key = jnp.where(usable, jnp.where(idx.registered, age * (DEPTH_LIMIT + 1)
-                                      + jnp.minimum(idx.block_depth, DEPTH_LIMIT), FREE_KEY), -1)
-    count = jnp.minimum(count, jnp.sum(usable))
-
-    def narrow(_, bounds):  # keeps: #(key >= lo) >= count > #(key >= hi)
-        lo, hi = bounds
-        mid = lo + (hi - lo) // 2
-        enough = jnp.sum(key >= mid) >= count
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-
-    cut, _ = jax.lax.fori_loop(0, 31, narrow, (jnp.int32(0), jnp.int32(FREE_KEY + 1)))
-    above = key > cut
-    at_cut = (key == cut) & (jnp.cumsum(key == cut) <= count - jnp.sum(above))
-    picked = (above | at_cut) & (count > 0)
-    return jnp.nonzero(picked, size=size, fill_value=0)[0].astype(jnp.int32), jnp.sum(usable)
+def _idle_cached(idx: PrefixIndex) -> jax.Array:
+    """[num_blocks] cached blocks no row uses: the ones eviction may take."""
+    return idx.registered & (idx.ref_count == 0)
 
 
 @jax.jit
@@ -200,44 +176,44 @@ def admit(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, prompt_le
 
     tokens [B, max_length] (prompts, zero padded), prompt_lengths [B] (0 = unused row),
     blocks_needed [B] blocks for prompt + new tokens. Returns (index, block_table, cached prompt
-    tokens per row, ok). At least one prompt token per row is left to compute. If the pool cannot
-    hold the request, ok is False and the index and table come back unchanged.
+    tokens per row, ok). At least one prompt token per row is left to compute. The request is
+    admitted when the blocks no row uses could hold all its blocks without counting its hits (the
+    engine's scheduler reserves the same way); otherwise ok is False and the index and table come
+    back unchanged.
     """
     block_size = tokens.shape[1] // block_table.shape[1]
     per_row = block_table.shape[1]
-    clock = idx.clock + 1
+    ok = jnp.sum(blocks_needed) <= idx.queue.free_top + jnp.sum(_idle_cached(idx))
+    clock = jnp.where(ok, idx.clock + 1, idx.clock)
+    drop = idx.ref_count.size  # out of range: a masked entry is dropped
 
-    def row(carry, xs):
-        idx, ok = carry
+    def row(idx, xs):
         toks, length, needed = xs
-        max_hit = jnp.where((length > 0) & idx.enabled, (length - 1) // block_size, 0)
+        max_hit = jnp.where((length > 0) & idx.enabled & ok, (length - 1) // block_size, 0)
         n_hit, hit_ids = lookup(idx, toks, max_hit, block_size, namespace)
         j = jnp.arange(per_row)
         is_hit = j < n_hit
-        taken = jnp.zeros_like(idx.registered).at[hit_ids].max(is_hit)
-        n_new = jnp.maximum(needed - n_hit, 0)
-        fresh, usable = _allocation(dataclasses.replace(idx, clock=clock), taken, n_new, per_row)
-        ok = ok & (usable >= n_new)
-        new_ids = fresh[jnp.clip(j - n_hit, 0, per_row - 1)]
-        is_new = (j >= n_hit) & (j < needed)
-        table = jnp.where(is_hit, hit_ids, jnp.where(is_new, new_ids, 0))
-        used = is_hit | is_new
-        drop = idx.ref_count.size  # out-of-range index: masked entries are dropped
-        evicted = jnp.sum(jnp.where(is_new, idx.registered[new_ids], False))
+        # The hits are this row's first: referenced before the queue is asked for the rest.
+        ref_count = idx.ref_count.at[jnp.where(is_hit, hit_ids, drop)].add(1, mode="drop")
+        idx = dataclasses.replace(idx, ref_count=ref_count)
+        n_new = jnp.where(ok, jnp.maximum(needed - n_hit, 0), 0)
+        queue, fresh, evicted = take(idx.queue, n_new, _idle_cached(idx), per_row)
+        is_new = (j >= n_hit) & (j < needed) & ok
+        table = jnp.where(is_hit, hit_ids, jnp.where(is_new, fresh[jnp.clip(j - n_hit, 0, per_row - 1)], 0))
+        new, used = jnp.where(is_new, table, drop), jnp.where(is_hit | is_new, table, drop)
+        counts = jnp.stack([length, n_hit * block_size, evicted]).astype(jnp.int32)
         idx = dataclasses.replace(
-            idx,
-            ref_count=idx.ref_count.at[jnp.where(used, table, drop)].add(1, mode="drop"),
-            last_used=idx.last_used.at[jnp.where(used, table, drop)].set(clock, mode="drop"),
-            registered=idx.registered.at[jnp.where(is_new, table, drop)].set(False, mode="drop"),
-            block_gen=idx.block_gen.at[jnp.where(is_new, table, drop)].add(1, mode="drop"),
-            counters=idx.counters + jnp.array([length, n_hit * block_size, evicted], jnp.int32))
-        return (idx, ok), (table, n_hit * block_size)
+            idx, queue=queue,
+            ref_count=idx.ref_count.at[new].add(1, mode="drop"),
+            last_used=idx.last_used.at[used].set(clock, mode="drop"),
+            registered=idx.registered.at[new].set(False, mode="drop"),
+            block_gen=idx.block_gen.at[new].add(1, mode="drop"),
+            counters=idx.counters + jnp.where(ok, counts, 0))
+        return idx, (table, n_hit * block_size)
 
-    (new_idx, ok), (table, hit_tokens) = jax.lax.scan(
-        row, (idx, jnp.bool_(True)), (tokens, prompt_lengths, blocks_needed))
-    new_idx = dataclasses.replace(new_idx, clock=clock)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    return keep(new_idx, idx), jnp.where(ok, table, block_table), jnp.where(ok, hit_tokens, 0), ok
+    idx, (table, hit_tokens) = jax.lax.scan(row, idx, (tokens, prompt_lengths, blocks_needed))
+    idx = dataclasses.replace(idx, clock=clock)
+    return idx, jnp.where(ok, table, block_table), jnp.where(ok, hit_tokens, 0), ok
 
 
 @jax.jit
@@ -250,8 +226,15 @@ def publish(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, lengths
     their KV in the cache. A block already registered (by this row earlier, or first by another
     row that computed the same tokens) stays the chain's block. References are left as they are.
     """
+    return _publish(idx, block_table, tokens, lengths, namespace)[0]
+
+
+def _publish(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, lengths: jax.Array,
+             namespace: jax.Array) -> tuple[PrefixIndex, jax.Array]:
+    """publish(), and each row's chain [B, blocks_per_row]: per block, the registered block that
+    holds its tokens (its own, or the one another row registered first), else its own."""
     if not idx.enabled:
-        return idx
+        return idx, block_table
     block_size = tokens.shape[1] // block_table.shape[1]
 
     def row(idx, xs):
@@ -269,12 +252,8 @@ def publish(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, lengths
             new = full & ~found & chained & room
             at = jnp.where(new, bid, idx.registered.size)
             slot = jnp.where(new, slots[jnp.argmin(live)], idx.table_block.size)
-            # A block registered first stays the chain's block; touch it so a parent is never less
-            # recent than its children (eviction takes a chain's tail first).
-            touch = jnp.where(full & found, existing, idx.registered.size)
             idx = dataclasses.replace(
                 idx,
-                last_used=idx.last_used.at[touch].set(idx.clock, mode="drop"),
                 block_hash=idx.block_hash.at[at].set(h, mode="drop"),
                 block_tokens=idx.block_tokens.at[at].set(content, mode="drop"),
                 block_parent=idx.block_parent.at[at].set(prev, mode="drop"),
@@ -284,37 +263,60 @@ def publish(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, lengths
                 registered=idx.registered.at[at].set(True, mode="drop"),
                 table_block=idx.table_block.at[slot].set(bid, mode="drop"),
                 table_hash=idx.table_hash.at[slot].set(h, mode="drop"))
-            return (idx, jnp.where(found, existing, bid), chained & (found | new | ~full)), None
+            chain_block = jnp.where(full & found, existing, bid)
+            return (idx, chain_block, chained & (found | new | ~full)), chain_block
 
         xs = (jnp.arange(table.size), hashes, table, toks.reshape(-1, block_size))
-        (idx, _, _), _ = jax.lax.scan(block, (idx, jnp.int32(NO_PARENT), jnp.bool_(True)), xs)
-        return idx, None
+        (idx, _, _), chain = jax.lax.scan(block, (idx, jnp.int32(NO_PARENT), jnp.bool_(True)), xs)
+        return idx, chain
 
-    idx, _ = jax.lax.scan(row, idx, (tokens, block_table, lengths))
-    return idx
+    return jax.lax.scan(row, idx, (tokens, block_table, lengths))
 
 
 @jax.jit
 def release(idx: PrefixIndex, block_table: jax.Array, blocks_used: jax.Array) -> PrefixIndex:
     """Drops the rows' references to the first `blocks_used` [B] blocks of their tables (those
     admit() gave them): unregistered blocks become free, registered ones stay cached for reuse."""
+    return _release(idx, block_table, block_table, blocks_used)
+
+
+def _release(idx: PrefixIndex, block_table: jax.Array, chain: jax.Array, blocks_used: jax.Array
+             ) -> PrefixIndex:
+    """release(), queueing each row's `chain` (see _publish) deepest block first: a block no row
+    uses any more goes on the free stack if it holds nothing reusable, else to the eviction log,
+    and so does a chain block another row registered that is idle (queued again, after its
+    children)."""
     used = jnp.arange(block_table.shape[1]) < blocks_used[:, None]
-    drop = jnp.where(used, block_table, idx.ref_count.size)
-    return dataclasses.replace(idx, ref_count=idx.ref_count.at[drop.reshape(-1)].add(-1, mode="drop"))
+    drop = idx.ref_count.size
+    ref_count = idx.ref_count.at[jnp.where(used, block_table, drop).reshape(-1)].add(-1, mode="drop")
+    idx = dataclasses.replace(idx, ref_count=ref_count)
+    idle = idx.ref_count == 0
+    deepest_first = lambda x: x[:, ::-1].reshape(-1)
+    own, links, live = deepest_first(block_table), deepest_first(chain), deepest_first(used)
+    to_log = live & idx.registered[links] & idle[links]
+    to_free = live & ~idx.registered[own] & idle[own]
+    nothing = jnp.zeros_like(live)
+    queue = put(idx.queue, jnp.concatenate([links, own]), jnp.concatenate([to_log, nothing]),
+                jnp.concatenate([nothing, to_free]), _idle_cached(idx))
+    last_used = idx.last_used.at[jnp.where(to_log, links, drop)].set(idx.clock, mode="drop")
+    return dataclasses.replace(idx, queue=queue, last_used=last_used)
 
 
+@jax.jit
 def register(idx: PrefixIndex, block_table: jax.Array, tokens: jax.Array, lengths: jax.Array,
              blocks_used: jax.Array, namespace: jax.Array) -> PrefixIndex:
     """After a request: publishes every written full block (first writer wins when two rows
-    computed the same block), then releases the rows' references."""
-    return release(publish(idx, block_table, tokens, lengths, namespace), block_table, blocks_used)
+    computed the same block), then releases the rows' references, queueing each row's chain."""
+    idx, chain = _publish(idx, block_table, tokens, lengths, namespace)
+    return _release(idx, block_table, chain, blocks_used)
 
 
 @jax.jit
 def clear(idx: PrefixIndex) -> PrefixIndex:
-    """Forgets every cached block (the pool's memory stays allocated)."""
+    """Forgets every cached block (the pool's memory stays allocated): every block is free."""
     return dataclasses.replace(idx, registered=jnp.zeros_like(idx.registered),
-                               ref_count=jnp.zeros_like(idx.ref_count))
+                               ref_count=jnp.zeros_like(idx.ref_count),
+                               queue=full_queue(idx.registered.size))
 
 
 def stats(idx: PrefixIndex) -> dict[str, int | float]:

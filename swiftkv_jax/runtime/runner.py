@@ -28,7 +28,7 @@ import numpy as np
 from ..model.forward import forward_packed
 from ..model.params import Params
 from .cache import KVCache, init_cache
-from .prefix_cache import admit, publish, release
+from .prefix_cache import admit, publish, register
 from .sampling import sample
 from .scheduler import Sequence as Request
 from .scheduler import StepPlan
@@ -159,8 +159,9 @@ def free_program(cache: KVCache, state: SlotState, slots: jax.Array, blocks: jax
                  namespace: jax.Array) -> KVCache:
     """Publishes the full blocks rows `slots` wrote and drops their references to the first
     `blocks` [R] blocks of their tables (unregistered ones become free)."""
-    index = _publish_rows(cache, state, slots, namespace)
-    return dataclasses.replace(cache, index=release(index, cache.rows(slots).block_table, blocks))
+    rows = cache.rows(slots)
+    index = register(cache.index, rows.block_table, state.rows(slots).tokens, rows.lengths, blocks, namespace)
+    return dataclasses.replace(cache, index=index)
 
 
 JITTED = (admit_program, mixed_program, decode_program, free_program)
