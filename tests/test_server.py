@@ -267,6 +267,28 @@ def test_models_health_and_metrics(served, client):
         assert name in text, name
 
 
+def test_tokenize_and_detokenize_as_vllm_serves_them(served, client):
+    """/tokenize gives the ids the completion endpoints run (a prompt, or messages through the chat
+    template), their count and the context; /detokenize the tokenizer's text; bad input is a 400."""
+    server, _, tokenizer, _ = served
+    got = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "prompt": PROMPTS[2]}).json()
+    ids = tokenizer.encode(PROMPTS[2])
+    assert got == {"count": len(ids), "max_model_len": 512, "tokens": ids}
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()
+    assert chat["tokens"] == chat_ids(tokenizer, PROMPTS[0])
+    # The chat endpoint's usage counts exactly those prompt tokens.
+    answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert answer.usage.prompt_tokens == chat["count"]
+    back = httpx.post(f"{server.url}/detokenize", json={"model": MODEL, "tokens": ids}).json()
+    assert back == {"prompt": tokenizer.decode(ids)}
+    for path, body, param in [("/detokenize", {"tokens": [1, 10_000]}, "tokens"),
+                              ("/tokenize", {"prompt": "a", "messages": []}, "prompt"),
+                              ("/tokenize", {"model": "other", "prompt": "a"}, "model")]:
+        r = httpx.post(f"{server.url}{path}", json=body)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
+
+
 # -- a second server: API key, a full queue, SIGTERM --------------------------------------------
 
 def test_api_key_queue_limit_and_sigterm(served, tmp_path):

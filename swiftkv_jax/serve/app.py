@@ -26,7 +26,7 @@ from ..text.tokenization import encode_text, has_chat_template, render_chat
 from .generation import Generation, Piece, merged, submit_all
 from .limits import MAX_BODY_BYTES, MAX_QUEUE
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 
 class BodyLimit:
@@ -112,10 +112,13 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
             raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer "
                                 "<key>' with the key this server was started with", code="invalid_api_key")
 
-    def admit(body: Any) -> None:
-        if body.model != model_name:
-            raise APIError(404, f"the model '{body.model}' does not exist here; this server serves "
+    def known_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"the model '{name}' does not exist here; this server serves "
                                 f"'{model_name}' (GET /v1/models)", "model", "model_not_found")
+
+    def admit(body: Any) -> None:
+        known_model(body.model)
         body.check_supported()
         if engine.num_waiting >= max_queue:
             raise APIError(429, f"the server's queue is full ({max_queue} requests waiting); retry "
@@ -147,6 +150,31 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "swiftkv-jax", "max_model_len": engine.max_length}]}
 
+    def chat_ids(messages: list[dict[str, str]], generation_prompt: bool = True) -> list[int]:
+        if not has_chat_template(tokenizer):
+            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
+        return encode_text(tokenizer, render_chat(tokenizer, messages, generation_prompt=generation_prompt))
+
+    @app.post("/tokenize", dependencies=[Depends(authorized)])
+    async def tokenize(body: TokenizeRequest) -> dict:
+        """vLLM's /tokenize: the ids /v1/completions (prompt) or /v1/chat/completions (messages)
+        would run, their count and the context length."""
+        known_model(body.model)
+        body.check_supported()
+        ids = (tokenizer.encode(body.prompt) if body.prompt is not None
+               else chat_ids(body.chat(), body.add_generation_prompt))
+        return {"count": len(ids), "max_model_len": engine.max_length, "tokens": ids}
+
+    @app.post("/detokenize", dependencies=[Depends(authorized)])
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        """vLLM's /detokenize: the text of token ids (special tokens kept)."""
+        known_model(body.model)
+        vocab = engine.params.config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         admit(body)
@@ -168,12 +196,10 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         admit(body)
-        if not has_chat_template(tokenizer):
-            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions")
-        ids = encode_text(tokenizer, render_chat(tokenizer, body.chat(), generation_prompt=True))
+        ids = chat_ids(body.chat())
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        gens = submit_all(engine, tokenizer, metrics, [ids],
-                          [body.options(max_tokens_for(asked, len(ids), "messages"), config)], body.stop_strings())
+        options = body.options(max_tokens_for(asked, len(ids), "messages"), config)
+        gens = submit_all(engine, tokenizer, metrics, [ids], [options], body.stop_strings())
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": model_name}
         if body.stream:

@@ -146,6 +146,11 @@ class ChatMessage(BaseModel):
         return "".join(p.text or "" for p in self.content)
 
 
+def chat_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template takes them ("developer" is OpenAI's new "system")."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions: messages rendered with the tokenizer's chat template."""
 
@@ -171,5 +176,29 @@ class ChatCompletionRequest(_Sampling):
 
     def chat(self) -> list[dict[str, str]]:
         """The messages as the chat template takes them ("developer" is OpenAI's new "system")."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+        return chat_dicts(self.messages)
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's): a prompt, or chat messages rendered as /v1/chat/completions would."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+
+    def check_supported(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "send exactly one of prompt (a string) and messages (a chat)", "prompt")
+
+    def chat(self) -> list[dict[str, str]]:
+        return chat_dicts(self.messages or [])
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's): token ids back to text."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]
