@@ -1,8 +1,8 @@
 """ModelConfig: the static description of a (SwiftKV) Llama, Qwen2 or Qwen3 model.
 
-The families differ in a few schema entries (params.SCHEMA) read from the config: Qwen2 has
-biases on its q/k/v projections (`attention_bias`), Qwen3 RMS-normalises each head of q and k
-before RoPE (`qk_norm`); everything else is the Llama computation.
+The families differ in a few schema entries (params.SCHEMA) the config's `family` switches on:
+Qwen2 has biases on its q/k/v projections (`attention_bias`), Qwen3 RMS-normalises each head of q
+and k before RoPE (`qk_norm`); everything else is the Llama computation.
 
 Frozen and hashable so it can travel inside pytrees as static metadata and key jit caches.
 """
@@ -25,7 +25,7 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
 # Fields added after configs were first fingerprinted (see ModelConfig.identity).
-LATER_FIELDS = ("family", "attention_bias", "qk_norm")
+LATER_FIELDS = ("family",)
 
 
 class ConfigError(ValueError):
@@ -67,9 +67,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     num_key_value_layers: int | None = None  # None -> num_layers (SwiftKV off)
     key_value_group_size: int = 1
-    family: str = "llama"  # "llama", "qwen2" or "qwen3": the model_type written on export
-    attention_bias: bool = False  # q/k/v projections (and SwiftKV's) have biases (Qwen2)
-    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    family: str = "llama"  # "llama", "qwen2" or "qwen3": its schema entries, its model_type on export
 
     def __post_init__(self) -> None:
         if self.num_key_value_layers is None:
@@ -98,6 +96,16 @@ class ModelConfig:
                               f"{self.family}_swiftkv format); Llama and Qwen2 models can be converted")
 
     # -- derived quantities ---------------------------------------------------------------
+    @property
+    def attention_bias(self) -> bool:
+        """The q/k/v projections (and SwiftKV's) have biases: Qwen2."""
+        return self.family == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        """Each head of q and k is RMS-normalised before RoPE: Qwen3."""
+        return self.family == "qwen3"
+
     @property
     def swiftkv(self) -> bool:
         """True when some layers take their K/V from layer L's input."""
@@ -184,8 +192,6 @@ class ModelConfig:
                 num_key_value_layers=d.get("num_key_value_layers"),
                 key_value_group_size=int(d.get("key_value_group_size") or 1),
                 family=family,
-                attention_bias=family == "qwen2",
-                qk_norm=family == "qwen3",
             )
         except KeyError as e:
             raise ConfigError(f"config.json is missing the required field {e.args[0]!r}") from None
@@ -211,7 +217,7 @@ class ModelConfig:
                 "rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)},
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": self.family == "qwen2",
+            "attention_bias": self.attention_bias,
             "mlp_bias": False,
             "use_sliding_window": False,
             "bos_token_id": self.bos_token_id,
@@ -268,8 +274,6 @@ class ModelConfig:
                 bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
                 eos_token_ids=() if eos is None else (int(eos),),
                 family=arch,
-                attention_bias=arch == "qwen2",
-                qk_norm=arch == "qwen3",
             )
         except KeyError as e:
             raise ConfigError(f"GGUF metadata is missing the required field {e.args[0]!r}") from None

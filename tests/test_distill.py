@@ -311,7 +311,7 @@ def test_least_squares_kv_init_fits_the_layers_own_keys_and_values(family):
     from swiftkv_jax.train.kv_init import fit_swiftkv_kv, layer_inputs
 
     biased = family == "qwen2"
-    params = tiny_swiftkv(L=2, g=1, cfg=CFG.replace(family=family, attention_bias=biased))
+    params = tiny_swiftkv(L=2, g=1, cfg=CFG.replace(family=family))
     data = random_data(rows=8, seq_len=16)
     fitted = fit_swiftkv_kv(params, data.tokens, ridge=1e-9)
     sw, layers = fitted.weights["swiftkv"], params.weights["layers"]

@@ -91,7 +91,7 @@ def test_unsupported_config_names_the_field(hf_folder, change, field):
 
 def test_swiftkv_of_a_qwen3_is_refused_by_name():
     cfg = sk.ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
-                         num_kv_heads=1, head_dim=4, family="qwen3", qk_norm=True)
+                         num_kv_heads=1, head_dim=4, family="qwen3")
     with pytest.raises(ConfigError, match="not defined for the qwen3 family"):
         sk.to_swiftkv(sk.init_params(cfg, jax.random.PRNGKey(0)), 1)
 

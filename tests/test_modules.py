@@ -23,8 +23,8 @@ CONFIGS = {
     "tied": sk.ModelConfig(**BASE, tie_word_embeddings=True),
     "swiftkv_g1": sk.ModelConfig(**BASE, num_key_value_layers=2),
     "swiftkv_g3": sk.ModelConfig(**BASE, num_key_value_layers=2, key_value_group_size=3),
-    "qwen2_swiftkv": sk.ModelConfig(**BASE, family="qwen2", attention_bias=True, num_key_value_layers=3),
-    "qwen3": sk.ModelConfig(**BASE, family="qwen3", qk_norm=True),
+    "qwen2_swiftkv": sk.ModelConfig(**BASE, family="qwen2", num_key_value_layers=3),
+    "qwen3": sk.ModelConfig(**BASE, family="qwen3"),
 }
 
 
