@@ -17,8 +17,9 @@ fixed-size arrays (no host-side hash map):
     request are queued again with it, so a child leaves the cache before its parent. Admission,
     publication and release cost a fixed number of steps per block of the request, plus a few
     vectorised passes over the pool's flags (bench_prefix_index.py).
-A request calls admit() before its prefill, publish() as its blocks are written and release()
-when it ends (register() = both, for a finished batch); users call stats/clear.
+A request calls admit() before its prefill, publish() as its blocks are written and register()
+when it ends (publish, then release its blocks, queueing its chain); release() alone drops
+references without publishing. Users call stats/clear.
 """
 
 from __future__ import annotations
