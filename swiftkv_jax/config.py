@@ -25,7 +25,9 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
 # Fields added after configs were first fingerprinted (see ModelConfig.identity).
-LATER_FIELDS = ("family",)
+LATER_FIELDS = ("family", "quantization", "quantization_block")
+QUANTIZATIONS = ("int8",)
+OUR_QUANT_METHOD = {"int8": "swiftkv_jax_int8"}  # config.json quantization_config.quant_method
 
 
 class ConfigError(ValueError):
@@ -68,6 +70,8 @@ class ModelConfig:
     num_key_value_layers: int | None = None  # None -> num_layers (SwiftKV off)
     key_value_group_size: int = 1
     family: str = "llama"  # "llama", "qwen2" or "qwen3": its schema entries, its model_type on export
+    quantization: str | None = None  # "int8": the Linear weights stored as int8 (model/int8.py)
+    quantization_block: int = 32  # inputs per int8 scale; 0 (or a size that does not divide): per output
 
     def __post_init__(self) -> None:
         if self.num_key_value_layers is None:
@@ -82,6 +86,12 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_kv_heads})")
         if self.family not in FAMILIES:
             raise ConfigError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise ConfigError(f"quantization must be one of {QUANTIZATIONS} (or None for float "
+                              f"weights), got {self.quantization!r}")
+        if int(self.quantization_block) < 0:
+            raise ConfigError(f"quantization_block must be >= 0 (0: one scale per output), got "
+                              f"{self.quantization_block!r}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         L, N, g = self.num_key_value_layers, self.num_layers, self.key_value_group_size
@@ -192,6 +202,7 @@ class ModelConfig:
                 num_key_value_layers=d.get("num_key_value_layers"),
                 key_value_group_size=int(d.get("key_value_group_size") or 1),
                 family=family,
+                **_quantization_fields(d.get("quantization_config")),
             )
         except KeyError as e:
             raise ConfigError(f"config.json is missing the required field {e.args[0]!r}") from None
@@ -228,6 +239,9 @@ class ModelConfig:
             d.update(architectures=[swift], model_type=f"{self.family}_swiftkv",
                      swiftkv=True, num_key_value_layers=self.num_key_value_layers,
                      key_value_group_size=self.key_value_group_size)
+        if self.quantization:  # only our own checkpoints hold int8 weights (HF exports are float)
+            d["quantization_config"] = {"quant_method": OUR_QUANT_METHOD[self.quantization],
+                                        "block_size": self.quantization_block}
         return d
 
     @classmethod
@@ -326,3 +340,23 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> "list[float]":
                 s.high_freq_factor - s.low_freq_factor)
             out.append((1 - smooth) * f / s.factor + smooth * f)
     return out
+
+
+def _quantization_fields(qc: Mapping[str, Any] | None) -> dict[str, Any]:
+    """ModelConfig fields from a config.json `quantization_config` (only ours is understood)."""
+    if not qc:
+        return {}
+    ours = {v: k for k, v in OUR_QUANT_METHOD.items()}
+    method = qc.get("quant_method")
+    if method not in ours:
+        raise ConfigError(f"quantization_config quant_method {method!r} is not supported (weights "
+                          f"quantised by other tools are not read); give float weights and "
+                          f"quantize='int8' instead")
+    return {"quantization": ours[method], "quantization_block": int(qc.get("block_size", 32))}
+
+
+def check_quantization(scheme: str | None) -> None:
+    """A clear error for an unknown quantization name (before any weights are read)."""
+    if scheme not in (None, *QUANTIZATIONS):
+        raise ConfigError(f"quantize must be one of {QUANTIZATIONS} or None (float weights), got "
+                          f"{scheme!r}")

@@ -90,12 +90,12 @@ def test_decode_attention_uses_kernel_on_cpu(target, monkeypatch):
     hlo = lambda: jax.jit(lambda *a: attend_paged(*a, 16, pos)).lower(q, *pools, table).as_text()
     assert target in hlo()
     monkeypatch.setenv(cpu_kernels.ENABLE_ENV, "off")
-    cpu_kernels.paged_attention_target.cache_clear()
+    cpu_kernels.forget_targets()
     try:
         assert target not in hlo()
     finally:
         monkeypatch.undo()
-        cpu_kernels.paged_attention_target.cache_clear()
+        cpu_kernels.forget_targets()
         assert cpu_kernels.paged_attention_target() == target
 
 
@@ -103,7 +103,7 @@ def test_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
     """A compiler that fails leaves XLA's path in place, with a warning that says so."""
     monkeypatch.setenv("CXX", "false")
     monkeypatch.setenv("SWIFTKV_JAX_KERNEL_CACHE", str(tmp_path))
-    cpu_kernels.paged_attention_target.cache_clear()
+    cpu_kernels.forget_targets()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -112,4 +112,4 @@ def test_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
         assert not list(tmp_path.glob("*.so"))
     finally:
         monkeypatch.undo()
-        cpu_kernels.paged_attention_target.cache_clear()
+        cpu_kernels.forget_targets()

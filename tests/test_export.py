@@ -30,9 +30,11 @@ WITH_PAGED_KERNEL = {"prefill chunk", "decode loop", "engine decode, 1 step", "e
 SLOTS, LENGTH, BLOCK = 4, 64, 8
 
 
-def programs(dtype) -> dict[str, tuple]:
-    """name -> (jitted function, args, static kwargs) for each program, at engine-like shapes."""
+def programs(dtype, int8: bool = False) -> dict[str, tuple]:
+    """name -> (jitted function, args, static kwargs) for each program, at engine-like shapes
+    (with int8 weights: `int8`)."""
     params = sk.init_params(CFG, jax.random.PRNGKey(0), dtype)
+    params = params.quantize("int8", block=16) if int8 else params
     cache = sk.init_cache(params, SLOTS, LENGTH, block_size=BLOCK)
     state = empty_slots(SLOTS, LENGTH)
     ns = namespace_of(params.weights)
@@ -64,15 +66,17 @@ def programs(dtype) -> dict[str, tuple]:
     }
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_every_program_lowers_for_tpu_and_cuda_without_cpu_custom_calls(dtype):
+@pytest.mark.parametrize("dtype,int8", [(jnp.float32, False), (jnp.bfloat16, False), (jnp.bfloat16, True)],
+                         ids=["f32", "bf16", "int8-bf16"])
+def test_every_program_lowers_for_tpu_and_cuda_without_cpu_custom_calls(dtype, int8):
     allow = {"tpu": [], "cuda": [export.DisabledSafetyCheck.custom_call(TRITON)]}
-    for name, (fn, args, static) in programs(dtype).items():
+    for name, (fn, args, static) in programs(dtype, int8).items():
         for platform in ("tpu", "cuda"):
             # export refuses custom calls without a compatibility guarantee (the CPU kernel's)
             module = export.export(fn, platforms=(platform,), disabled_checks=allow[platform])(
                 *args, **static).mlir_module()
             assert cpu_kernels.PAGED_ATTENTION_TARGET not in module, (name, platform)
+            assert cpu_kernels.INT8_MATMUL_TARGET not in module, (name, platform)
             assert (TRITON in module) == (platform == "cuda" and name in WITH_PAGED_KERNEL), (name, platform)
 
 
@@ -84,6 +88,20 @@ def test_the_cpu_kernel_is_chosen_when_lowering_for_the_cpu():
     on_cpu = export.export(fn, platforms=("cpu",), disabled_checks=allow)(*args, **static).mlir_module()
     on_tpu = export.export(fn, platforms=("tpu",))(*args, **static).mlir_module()
     assert cpu_kernels.PAGED_ATTENTION_TARGET in on_cpu and cpu_kernels.PAGED_ATTENTION_TARGET not in on_tpu
+
+
+def test_int8_weights_take_the_cpu_kernel_at_decode_and_xla_elsewhere():
+    """Lowered for the CPU, an int8 model's decode step calls the int8 matmul kernel; lowered for
+    TPU it does not (export also checks that every custom call in a TPU module is one TPU knows)."""
+    if cpu_kernels.int8_matmul_target() is None:
+        pytest.skip("the CPU kernel is not available here (no compiler, or switched off)")
+    progs = programs(jnp.float32, int8=True)
+    allow = [export.DisabledSafetyCheck.custom_call(t) for t in
+             (cpu_kernels.PAGED_ATTENTION_TARGET, cpu_kernels.INT8_MATMUL_TARGET)]
+    lower = lambda name, platform: export.export(progs[name][0], platforms=(platform,), disabled_checks=(
+        allow if platform == "cpu" else []))(*progs[name][1], **progs[name][2]).mlir_module()
+    assert cpu_kernels.INT8_MATMUL_TARGET in lower("engine decode, 1 step", "cpu")
+    assert cpu_kernels.INT8_MATMUL_TARGET not in lower("engine decode, 1 step", "tpu")
 
 
 def test_decode_attention_lowers_to_each_platforms_kernel():

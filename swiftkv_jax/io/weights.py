@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import ModelConfig
+from ..model import int8
 from ..model.params import Params, Tensor, empty_weights, get_path, set_path, tensors
 
 PARAMS_SUBDIR = "params"
@@ -129,9 +130,10 @@ def _is_bf16(file: Path) -> bool:
 
 
 def save_hf_folder(params: Params, folder: str | Path, tokenizer: Any = None) -> None:
-    """Writes config.json and model.safetensors (llama or llama_swiftkv) atomically."""
+    """Writes config.json and model.safetensors (llama or llama_swiftkv) atomically; int8 params
+    are written as float (the Hugging Face formats have no such int8 layout)."""
     from safetensors.numpy import save_file
-    folder = Path(folder)
+    folder, params = Path(folder), params.dequantize()
     with atomic_dir(folder) as tmp:
         tensors = {name: np.ascontiguousarray(arr) for name, arr in params_to_tensors(params)}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -172,7 +174,7 @@ def save_checkpoint(params: Params, folder: str | Path, tokenizer: Any = None) -
     folder = Path(folder).absolute()
     with atomic_dir(folder) as tmp:
         with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(tmp / PARAMS_SUBDIR, params.weights)
+            ckpt.save(tmp / PARAMS_SUBDIR, int8.to_dicts(params.weights))
         (tmp / "config.json").write_text(json.dumps(params.config.to_hf_dict(), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -184,7 +186,8 @@ def is_checkpoint(folder: Path) -> bool:
 
 
 def load_checkpoint(folder: str | Path, dtype: Any = None, sharding: Any = None) -> Params:
-    """Restores our checkpoint straight onto device (or onto `sharding`), optionally casting.
+    """Restores our checkpoint straight onto device (or onto `sharding`), optionally casting its
+    float weights (an int8 checkpoint's int8 values and float32 scales stay as saved).
 
     `sharding`: one Sharding for every tensor, a `jax.sharding.Mesh` (each tensor restored onto
     its shard by sharding/partitioning.py's rules: no full copy on one device), or a pytree of
@@ -200,11 +203,17 @@ def load_checkpoint(folder: str | Path, dtype: Any = None, sharding: Any = None)
         if sharding is None or isinstance(sharding, jax.sharding.Sharding):
             sharding = jax.tree.map(
                 lambda _: sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]), meta)
-        leaves, treedef = jax.tree.flatten(meta)
+        paths, treedef = jax.tree_util.tree_flatten_with_path(meta)
         shardings = jax.tree.leaves(sharding, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-        if len(shardings) != len(leaves):
-            raise WeightsError(f"{len(shardings)} shardings given for {len(leaves)} tensors in {folder}")
+        if len(shardings) != len(paths):
+            raise WeightsError(f"{len(shardings)} shardings given for {len(paths)} tensors in {folder}")
+
+        def restored_dtype(path, m):
+            scales = getattr(path[-1], "key", None) == "scales"
+            return dtype if dtype and jnp.issubdtype(m.dtype, jnp.floating) and not scales else m.dtype
+
         target = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(
-            tuple(m.shape), dtype or m.dtype, sharding=s) for m, s in zip(leaves, shardings)])
+            tuple(m.shape), restored_dtype(path, m), sharding=s)
+            for (path, m), s in zip(paths, shardings)])
         weights = ckpt.restore(folder / PARAMS_SUBDIR, target)
-    return Params(weights, cfg)
+    return Params(int8.from_dicts(weights), cfg)

@@ -1,9 +1,10 @@
 """Native CPU kernels (XLA FFI custom calls), built from their C++ source on first use.
 
 At decode shapes XLA:CPU spends most of a paged-attention step gathering pool blocks, several
-times what reading the keys once costs; `kernels/paged_attention.cc` reads them in place. It is
-compiled with the machine's C++ compiler (-march=native, against the XLA FFI headers that jaxlib
-ships) into $SWIFTKV_JAX_KERNEL_CACHE (default ~/.cache/swiftkv-jax/kernels), keyed by source,
+times what reading the keys once costs; `kernels/paged_attention.cc` reads them in place. It
+converts int8 weights to float32 whole before a matmul; `kernels/int8_matmul.cc` reads them in
+place for the few rows of a decode step. Each source is compiled with the machine's C++ compiler
+(-march=native, against the XLA FFI headers that jaxlib ships) into $SWIFTKV_JAX_KERNEL_CACHE (default ~/.cache/swiftkv-jax/kernels), keyed by source,
 jaxlib, compiler and CPU, and loaded once per process. Without a compiler, or with
 SWIFTKV_JAX_CPU_KERNELS=off, callers get None and keep XLA's own path (equal to float32 rounding).
 """
@@ -28,11 +29,14 @@ import numpy as np
 
 from ..compile_cache import user_cache_dir
 
-SOURCE = Path(__file__).resolve().parent / "paged_attention.cc"
+HERE = Path(__file__).resolve().parent
 PAGED_ATTENTION_TARGET = "swiftkv_paged_attention"
+INT8_MATMUL_TARGET = "swiftkv_int8_matmul"
+INT8_DEQUANTISE_TARGET = "swiftkv_int8_dequantise"
+INT8_MATMUL_MAX_ROWS = 16  # above this (prefill chunks) XLA's dot on a float copy is faster
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
 ENABLE_ENV = "SWIFTKV_JAX_CPU_KERNELS"
-_registered = False
+_registered: set[str] = set()  # XLA refuses a second, different handler under one name
 
 
 def kernel_cache_dir() -> Path:
@@ -59,22 +63,22 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, source: Path, what: str) -> Path:
     """The shared library for this source, compiler and CPU: built once (atomically), then reused."""
     import jaxlib
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, compiler, *FLAGS,
+    key = hashlib.sha256("\0".join([source.read_text(), jaxlib.__version__, compiler, *FLAGS,
                                     platform.machine(), _cpu_signature()]).encode()).hexdigest()[:16]
     folder = kernel_cache_dir()
-    library = folder / f"{SOURCE.stem}-{key}.so"
+    library = folder / f"{source.stem}-{key}.so"
     if library.exists():
         return library
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
     os.close(fd)
-    print(f"swiftkv-jax: building the CPU decode-attention kernel (once per machine) into {folder}",
+    print(f"swiftkv-jax: building the CPU {what} kernel (once per machine) into {folder}",
           file=sys.stderr, flush=True)
     try:
-        subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp],
+        subprocess.run([compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp],
                        check=True, capture_output=True, text=True)
         os.replace(tmp, library)  # concurrent builders each write their own file; last one wins
     finally:
@@ -84,29 +88,49 @@ def _build(compiler: str) -> Path:
 
 
 @functools.cache
-def paged_attention_target() -> str | None:
-    """The registered custom-call name of the paged-attention kernel, or None where it cannot be
-    used (disabled, not a single-CPU-device process, no compiler, build failed: warned once)."""
+def _target(name: str, source: str, symbol: str, what: str) -> str | None:
+    """Registers `symbol` of the library built from `source` as custom call `name`; None where it
+    cannot be used (disabled, not a single-CPU-device process, no compiler, build failed: warned
+    once per kernel)."""
     if not kernels_enabled() or jax.default_backend() != "cpu" or jax.device_count() != 1:
         return None
     compiler = _compiler()
     if compiler is None:
-        warnings.warn("no C++ compiler (set CXX or install g++): decode attention uses XLA's "
-                      "slower gather path", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"no C++ compiler (set CXX or install g++): the {what} uses XLA's slower path",
+                      RuntimeWarning, stacklevel=3)
         return None
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
+        library = ctypes.CDLL(str(_build(compiler, HERE / source, what)))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        warnings.warn(f"building the CPU paged-attention kernel failed, using XLA's path: "
-                      f"{detail.strip()[-500:]}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"building the CPU {what} kernel failed, using XLA's path: "
+                      f"{detail.strip()[-500:]}", RuntimeWarning, stacklevel=3)
         return None
-    global _registered
-    if not _registered:  # XLA refuses a second, different handler under the same name
-        jax.ffi.register_ffi_target(PAGED_ATTENTION_TARGET,
-                                    jax.ffi.pycapsule(library.SwiftkvPagedAttention), platform="cpu")
-        _registered = True
-    return PAGED_ATTENTION_TARGET
+    if name not in _registered:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        _registered.add(name)
+    return name
+
+
+def forget_targets() -> None:
+    """Makes the next *_target() call decide again (after SWIFTKV_JAX_CPU_KERNELS or CXX changed)."""
+    _target.cache_clear()
+
+
+def paged_attention_target() -> str | None:
+    """The custom-call name of the paged-attention kernel, or None (XLA's gather path then)."""
+    return _target(PAGED_ATTENTION_TARGET, "paged_attention.cc", "SwiftkvPagedAttention",
+                   "decode-attention")
+
+
+def int8_matmul_target() -> str | None:
+    """The custom-call name of the int8 weight matmul kernel, or None (XLA's convert + dot)."""
+    return _target(INT8_MATMUL_TARGET, "int8_matmul.cc", "SwiftkvInt8Matmul", "int8 matmul")
+
+
+def int8_dequantise_target() -> str | None:
+    """The custom-call name of the threaded int8 -> float32 conversion (same library), or None."""
+    return _target(INT8_DEQUANTISE_TARGET, "int8_matmul.cc", "SwiftkvInt8Dequantise", "int8 matmul")
 
 
 def paged_attention(target: str, q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
@@ -115,3 +139,17 @@ def paged_attention(target: str, q: jax.Array, k_pool: jax.Array, v_pool: jax.Ar
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, q.dtype))
     return call(q, k_pool, v_pool, block_table.astype(jnp.int32), q_pos.astype(jnp.int32),
                 block_size=np.int64(block_size))
+
+
+def int8_matmul(target: str, x: jax.Array, w: jax.Array, scales: jax.Array,
+                scalar: bool = False) -> jax.Array:
+    """x [R, K] float32 @ (w [N, K] int8 * scales [N, K / B] per block of B inputs).T -> [R, N]
+    float32. `scalar` forces the kernel's scalar loop (tests compare it with the AVX2 one)."""
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))
+    return call(x, w, scales, scalar=np.int64(scalar))
+
+
+def int8_dequantise(target: str, x: jax.Array, w: jax.Array, scales: jax.Array) -> jax.Array:
+    """w [N, K] int8 * scales [N, K / B] per block of B inputs -> float32 [N, K], on every thread,
+    once `x` (the matmul's input, not read) exists: so XLA converts each weight just before use."""
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(w.shape, jnp.float32))(x, w, scales)

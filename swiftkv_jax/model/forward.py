@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from ..config import ModelConfig
+from . import int8
 from .attention import F32
+from .int8 import Int8Weight
 from .kv_access import ChunkKV, PackedKV, PagedView
-from .layers import rms_norm, run_layers
+from .layers import embed, rms_norm, run_layers
 from .paged_cache import PagedCache
 from .params import Params, Weights, empty_weights, set_path, tensors
 from .swiftkv_layers import last_token, run_upper, upper_layers, write_upper_kv
@@ -29,6 +31,9 @@ def logits_from_hidden(params: Params, h: jax.Array) -> jax.Array:
     """Final norm and LM head, float32 logits."""
     w = params.weights
     h = rms_norm(h, w["norm"]["weight"], params.config.rms_norm_eps)
+    head = w["embed_tokens"] if params.config.tie_word_embeddings else w["lm_head"]
+    if isinstance(head, Int8Weight):  # stored [V, D] either way
+        return int8.matmul(h, head, F32)
     if params.config.tie_word_embeddings:  # contract with [V, D] as stored: no transposed copy
         return jnp.einsum("...d,vd->...v", h, w["embed_tokens"].astype(h.dtype),
                           preferred_element_type=F32)
@@ -59,7 +64,7 @@ def forward(params: Params, cache: Cache | None, tokens: jax.Array,
         return forward_packed(params, cache, [(jnp.arange(b, dtype=jnp.int32), tokens, num_new)])
     q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     kv, states = ChunkKV(q_pos), [None] * cfg.num_cache_layers
-    h, _, _ = run_layers(w["layers"][:L], cfg, w["embed_tokens"][tokens], q_pos, kv, states[:L])
+    h, _, _ = run_layers(w["layers"][:L], cfg, embed(w, tokens), q_pos, kv, states[:L])
     if cfg.swiftkv:  # SwiftKV prefill: only the last token goes higher
         h, _, _ = upper_layers(w, cfg, h, q_pos, kv, states[L:], None if all_logits else num_new)
         num_new = num_new if all_logits else jnp.ones_like(num_new)
@@ -101,7 +106,7 @@ def forward_packed(params: Params, cache: Cache, segments: list[Segment]
     kv = PackedKV(flat(write), tuple(v.block_table for v in rows),
                   tuple(s[1].shape for s in segments), cache.block_size)
     states = cache.layer_states()
-    h_l, lower, _ = run_layers(w["layers"][:L], cfg, w["embed_tokens"][tokens], q_pos, kv, states[:L])
+    h_l, lower, _ = run_layers(w["layers"][:L], cfg, embed(w, tokens), q_pos, kv, states[:L])
     h, q_last = h_l[0, last][:, None], q_pos[0, last][:, None]  # [M, 1, D]: each row's last token
     upper: list = []
     if cfg.swiftkv:  # every token's group K/V from h_L; the layers for the M last tokens only
@@ -128,7 +133,7 @@ def lower_hidden(params: Params, tokens: jax.Array) -> jax.Array:
     cfg, w = params.config, params.weights
     q_pos = _positions(tokens)
     L = cfg.num_key_value_layers
-    h, _, _ = run_layers(w["layers"][:L], cfg, w["embed_tokens"][tokens], q_pos, ChunkKV(q_pos),
+    h, _, _ = run_layers(w["layers"][:L], cfg, embed(w, tokens), q_pos, ChunkKV(q_pos),
                          [None] * L)
     return h
 

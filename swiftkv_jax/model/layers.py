@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from ..config import ModelConfig, rope_inverse_frequencies
+from . import int8
 from .attention import F32
+from .int8 import Int8Weight
 from .kv_access import ChunkKV, KVView, LayerKV, PackedKV
 from .params import Weights
 
@@ -45,10 +47,26 @@ def apply_rope(x: jax.Array, sin_cos: Rope) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def project(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """x [B, T, D] @ w [D, heads, h] (+ bias [heads, h], Qwen2) -> [B, T, heads, h], as one
-    plain matmul."""
-    y = (x @ w.reshape(w.shape[0], -1).astype(x.dtype)).reshape(x.shape[:2] + w.shape[1:])
+def linear(x: jax.Array, w: jax.Array | Int8Weight, in_dims: int = 1) -> jax.Array:
+    """x [..., in] (the weight's `in_dims` input dims flattened) @ a Linear weight -> [..., out...],
+    as one plain matmul: a float weight in our layout [in..., out...], or an int8 one."""
+    if isinstance(w, Int8Weight):
+        return int8.matmul(x, w)
+    y = x @ w.reshape(x.shape[-1], -1).astype(x.dtype)
+    return y.reshape(x.shape[:-1] + w.shape[in_dims:])
+
+
+def embed(w: Weights, tokens: jax.Array) -> jax.Array:
+    """The embedding rows of `tokens`, in the activations' dtype (the float weights')."""
+    table = w["embed_tokens"]
+    if isinstance(table, Int8Weight):
+        return int8.lookup(table, tokens, w["norm"]["weight"].dtype)
+    return table[tokens]
+
+
+def project(x: jax.Array, w: jax.Array | Int8Weight, bias: jax.Array | None = None) -> jax.Array:
+    """x [B, T, D] @ w [D, heads, h] (+ bias [heads, h], Qwen2) -> [B, T, heads, h]."""
+    y = linear(x, w)
     return y if bias is None else y + bias.astype(y.dtype)
 
 
@@ -66,8 +84,8 @@ def queries(w: Weights, config: ModelConfig, x: jax.Array, rope: Rope, proj: str
 
 def mlp(w: Weights, x: jax.Array) -> jax.Array:
     """SwiGLU: down(silu(gate x) * up x)."""
-    gate, up = x @ w["gate_proj"].astype(x.dtype), x @ w["up_proj"].astype(x.dtype)
-    return (jax.nn.silu(gate) * up) @ w["down_proj"].astype(x.dtype)
+    gate, up = linear(x, w["gate_proj"]), linear(x, w["up_proj"])
+    return linear(jax.nn.silu(gate) * up, w["down_proj"])
 
 
 def attention_input(w: Weights, config: ModelConfig, h: jax.Array) -> jax.Array:
@@ -86,8 +104,7 @@ def finish_layer(w: Weights, config: ModelConfig, h: jax.Array, q: jax.Array, kv
     """Attention of q over `kv`, o_proj and the residual, then the MLP block."""
     heads, hd = config.num_heads, config.head_dim
     out = kv.attend(q, q_pos)
-    o_proj = w["o_proj"].reshape(heads * hd, -1).astype(h.dtype)
-    h = h + out.reshape(h.shape[:2] + (heads * hd,)) @ o_proj
+    h = h + linear(out.reshape(h.shape[:2] + (heads * hd,)), w["o_proj"], in_dims=2)
     post = rms_norm(h, w["post_attention_layernorm"]["weight"], config.rms_norm_eps)
     return h + mlp(w["mlp"], post)
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
+from . import int8
 
 Weights = dict[str, Any]
 Path = tuple[Any, ...]  # a key path into Weights: ("layers", 3, "mlp", "gate_proj")
@@ -30,6 +31,7 @@ Path = tuple[Any, ...]  # a key path into Weights: ("layers", 3, "mlp", "gate_pr
 # Logical axes. partitioning.LOGICAL_RULES maps them to mesh axes; their sizes come from the config.
 VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, KV_GROUP = (
     "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "kv_group")
+QUANT_BLOCKS = "quant_blocks"  # an int8 weight's scales: one per block of its inputs
 
 
 def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
@@ -61,6 +63,8 @@ class TensorKind:
                 (the original q/k/v_proj: the distillation teacher uses them)
     rope_heads: "heads" / "kv_heads" for q/k, whose rows llama.cpp permutes per head (Llama only)
     hf_flat:    Hugging Face stores it flattened to one dim (a bias [heads * head_dim])
+    quant_in:   for the weights an int8 model stores as int8 (int8.py): which axes are the inputs
+                of its matmul (the embedding's: D, as the tied LM head reads it); () keeps it float
     """
 
     name: str
@@ -75,6 +79,7 @@ class TensorKind:
     teacher: bool = False
     rope_heads: str | None = None
     hf_flat: bool = False
+    quant_in: tuple[int, ...] = ()
 
     def shape(self, cfg: ModelConfig) -> tuple[int, ...]:
         """Our shape of this tensor for `cfg`."""
@@ -110,14 +115,15 @@ class TensorKind:
         return range(0)
 
 
-def _attn(proj: str, gguf: str, axes: tuple[str, ...], **kw: Any) -> TensorKind:
+def _attn(proj: str, gguf: str, axes: tuple[str, ...], in_axes: int = 1, **kw: Any) -> TensorKind:
     return TensorKind(f"layers/*/{proj}", axes, f"model.layers.{{i}}.self_attn.{proj}.weight",
-                      f"blk.{{i}}.{gguf}.weight", **kw)
+                      f"blk.{{i}}.{gguf}.weight", in_axes=in_axes,
+                      quant_in=tuple(range(in_axes)), **kw)
 
 
 def _mlp(proj: str, gguf: str, axes: tuple[str, ...]) -> TensorKind:
     return TensorKind(f"layers/*/mlp/{proj}", axes, f"model.layers.{{i}}.mlp.{proj}.weight",
-                      f"blk.{{i}}.{gguf}.weight")
+                      f"blk.{{i}}.{gguf}.weight", quant_in=(0,))
 
 
 def _norm(name: str, hf: str, gguf: str | None, axes: tuple[str, ...] = (EMBED,), **kw: Any) -> TensorKind:
@@ -131,10 +137,10 @@ def _bias(name: str, hf: str, gguf: str | None, axes: tuple[str, ...], **kw: Any
 
 SCHEMA: tuple[TensorKind, ...] = (
     TensorKind("embed_tokens", (VOCAB, EMBED), "model.embed_tokens.weight", "token_embd.weight",
-               in_axes=0, where="model"),
+               in_axes=0, where="model", quant_in=(1,)),
     _norm("norm", "model.norm.weight", "output_norm.weight", where="model"),
     TensorKind("lm_head", (EMBED, VOCAB), "lm_head.weight", "output.weight", where="model",
-               when="untied"),
+               when="untied", quant_in=(0,)),
     _norm("layers/*/input_layernorm", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
     _norm("layers/*/post_attention_layernorm", "model.layers.{i}.post_attention_layernorm.weight",
           "blk.{i}.ffn_norm.weight"),
@@ -159,23 +165,36 @@ SCHEMA: tuple[TensorKind, ...] = (
     # SwiftKV (SWIFTKV.md): queries of layers >= L, norm_swiftkv, the group leaders' K/V stacked.
     TensorKind("layers/*/q_proj_swiftkv", (EMBED, HEADS, HEAD_DIM),
                "model.layers.{i}.self_attn.q_proj_swiftkv.weight", where="upper", when="swiftkv",
-               trainable=True),
+               trainable=True, quant_in=(0,)),
     _bias("layers/*/q_bias_swiftkv", "model.layers.{i}.self_attn.q_proj_swiftkv.bias", None,
           (HEADS, HEAD_DIM), where="upper", when="swiftkv_bias", trainable=True),
     _norm("swiftkv/norm", "model.norm_swiftkv.weight", None, where="model", when="swiftkv",
           trainable=True),
     TensorKind("swiftkv/k_proj", (KV_GROUP, EMBED, KV_HEADS, HEAD_DIM),
                "model.layers.{i}.self_attn.k_proj_swiftkv.weight", where="leaders", when="swiftkv",
-               trainable=True),
+               trainable=True, quant_in=(1,)),
     TensorKind("swiftkv/v_proj", (KV_GROUP, EMBED, KV_HEADS, HEAD_DIM),
                "model.layers.{i}.self_attn.v_proj_swiftkv.weight", where="leaders", when="swiftkv",
-               trainable=True),
+               trainable=True, quant_in=(1,)),
     _bias("swiftkv/k_bias", "model.layers.{i}.self_attn.k_proj_swiftkv.bias", None,
           (KV_GROUP, KV_HEADS, HEAD_DIM), where="leaders", when="swiftkv_bias", trainable=True),
     _bias("swiftkv/v_bias", "model.layers.{i}.self_attn.v_proj_swiftkv.bias", None,
           (KV_GROUP, KV_HEADS, HEAD_DIM), where="leaders", when="swiftkv_bias", trainable=True),
 )
+
+
+def int8_kinds(kind: TensorKind) -> tuple[TensorKind, TensorKind]:
+    """The two leaves an int8 model stores for a quantised kind: `<name>/values` (its axes reordered
+    outputs first, inputs last) and `<name>/scales` (outputs, then one per block of inputs)."""
+    out = tuple(a for i, a in enumerate(kind.axes) if i not in kind.quant_in)
+    ins = tuple(kind.axes[i] for i in kind.quant_in)
+    plain = dict(hf="", gguf=None, in_axes=0, quant_in=())
+    return (dataclasses.replace(kind, name=f"{kind.name}/values", axes=out + ins, **plain),
+            dataclasses.replace(kind, name=f"{kind.name}/scales", axes=out + (QUANT_BLOCKS,), **plain))
+
+
 KINDS: dict[str, TensorKind] = {k.name: k for k in SCHEMA}
+KINDS.update({q.name: q for k in SCHEMA if k.quant_in for q in int8_kinds(k)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,12 +300,24 @@ def empty_weights(cfg: ModelConfig) -> Weights:
 
 
 def abstract_weights(cfg: ModelConfig, dtype: Any = jnp.bfloat16, teacher: bool = False) -> Weights:
-    """ShapeDtypeStructs of the weights of `cfg`, with no arrays made. `teacher=False` leaves out
-    the original q/k/v_proj of SwiftKV layers >= L (inference does not read them)."""
+    """ShapeDtypeStructs of the weights of `cfg`, with no arrays made (int8.Int8Weight nodes of
+    int8 values and float32 scales where cfg.quantization says so). `teacher=False` leaves out the
+    original q/k/v_proj of SwiftKV layers >= L (inference does not read them)."""
     w = empty_weights(cfg)
     for t in tensors(cfg, teacher):
-        set_path(w, t.path, jax.ShapeDtypeStruct(t.shape, jnp.dtype(dtype)))
+        if quantised(t.kind, cfg):
+            values, scales = int8.quantised_shapes(t.shape, t.kind.quant_in, cfg.quantization_block)
+            leaf = int8.Int8Weight(jax.ShapeDtypeStruct(values, jnp.int8),
+                                   jax.ShapeDtypeStruct(scales, jnp.float32), len(t.kind.quant_in))
+        else:
+            leaf = jax.ShapeDtypeStruct(t.shape, jnp.dtype(dtype))
+        set_path(w, t.path, leaf)
     return w
+
+
+def quantised(kind: TensorKind, cfg: ModelConfig) -> bool:
+    """Whether a model of `cfg` stores tensors of `kind` as int8."""
+    return bool(cfg.quantization and kind.quant_in)
 
 
 # -- distillation: the trainable SwiftKV weights and the frozen rest -------------------------------
@@ -299,6 +330,9 @@ def trainable_of(params: "Params") -> Trainable:
     group leaders' k/v_proj), keyed by kind name; per-layer kinds as a list in layer order."""
     if not params.config.swiftkv:
         raise ValueError("these params are a plain Llama (L = N): convert them with to_swiftkv first")
+    if params.config.quantization:
+        raise ValueError(f"these params are {params.config.quantization}; distil float params "
+                         "(params.dequantize(), or load without quantize)")
     out: Trainable = {}
     for t in tensors(params.config):
         if t.kind.trainable:
@@ -354,17 +388,49 @@ class Params:
 
     @property
     def dtype(self) -> jnp.dtype:
-        """The weights' floating-point dtype (the KV cache defaults to it)."""
-        return self.weights["embed_tokens"].dtype
+        """The weights' floating-point dtype, the activations' (the KV cache defaults to it)."""
+        return self.weights["norm"]["weight"].dtype
 
     def astype(self, dtype: Any) -> "Params":
-        """Casts floating-point weights to `dtype` (e.g. jnp.bfloat16 on GPU/TPU)."""
-        cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-        return Params(jax.tree.map(cast, self.weights), self.config)
+        """Casts floating-point weights to `dtype` (e.g. jnp.bfloat16 on GPU/TPU); int8 weights
+        and their float32 scales stay as they are."""
+        cast = lambda x: (x if isinstance(x, int8.Int8Weight) or not jnp.issubdtype(x.dtype, jnp.floating)
+                          else x.astype(dtype))
+        return Params(jax.tree.map(cast, self.weights, is_leaf=_is_int8), self.config)
+
+    def quantize(self, scheme: str = "int8", block: int | None = None) -> "Params":
+        """The Linear weights (every projection, SwiftKV's, the LM head and the embedding) as int8
+        with a float32 scale per `block` inputs (default: the config's quantization_block; 0: one
+        per output). Norms and biases stay float."""
+        cfg = self.config.replace(quantization=scheme, **({} if block is None else
+                                                          {"quantization_block": block}))
+        if self.config.quantization:
+            raise ValueError(f"these params are already {self.config.quantization}; quantize "
+                             "float params (or call dequantize() first)")
+        w = jax.tree.map(lambda x: x, self.weights)  # a new tree; leaves shared
+        for t in tensors(cfg):
+            if quantised(t.kind, cfg):
+                x = get_path(w, t.path)
+                set_path(w, t.path, _quantise(x, t.kind.quant_in, cfg.quantization_block))
+        return Params(w, cfg)
+
+    def dequantize(self) -> "Params":
+        """Float params (in the dtype of the float weights) from int8 ones: e.g. to export, or to
+        distil from."""
+        if not self.config.quantization:
+            return self
+        w, dtype = jax.tree.map(lambda x: x, self.weights, is_leaf=_is_int8), self.dtype
+        for t in tensors(self.config):
+            x = get_path(w, t.path)
+            if isinstance(x, int8.Int8Weight):
+                set_path(w, t.path, _dequantise(x, t.kind.quant_in, dtype))
+        return Params(w, self.config.replace(quantization=None))
 
     def num_parameters(self) -> int:
-        """Number of weights (SwiftKV projections and kept original q/k/v included)."""
-        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.weights)))
+        """Number of weights (SwiftKV projections and kept original q/k/v included; an int8
+        weight's scales not counted)."""
+        count = lambda x: np.prod(x.values.shape) if _is_int8(x) else np.prod(x.shape)
+        return int(sum(count(x) for x in jax.tree.leaves(self.weights, is_leaf=_is_int8)))
 
     def nbytes(self) -> int:
         """Bytes of all weights: what batch-1 decode reads per token."""
@@ -375,6 +441,18 @@ class Params:
         a cache of this model's outputs, or checks a base model. With `dtype` the slices are
         rounded to it first, so e.g. float32 and bfloat16 loads of one model hash alike."""
         h = hashlib.sha1(self.config.identity().encode())
-        for x in (self.weights["embed_tokens"][:4], self.weights["layers"][-1]["mlp"]["down_proj"][:4]):
+        embed, down = self.weights["embed_tokens"], self.weights["layers"][-1]["mlp"]["down_proj"]
+        if isinstance(embed, int8.Int8Weight):  # float slices, in the float model's layout
+            embed = _dequantise(embed, KINDS["embed_tokens"].quant_in, jnp.float32)
+            down = _dequantise(down, KINDS["layers/*/mlp/down_proj"].quant_in, jnp.float32)
+        for x in (embed[:4], down[:4]):
             h.update(np.asarray(x if dtype is None else jnp.asarray(x, dtype)).tobytes())
         return h.hexdigest()[:12]
+
+
+def _is_int8(x: Any) -> bool:
+    return isinstance(x, int8.Int8Weight)
+
+
+_quantise = jax.jit(int8.quantise, static_argnums=(1, 2))
+_dequantise = jax.jit(int8.dequantise, static_argnums=(1, 2))

@@ -19,6 +19,9 @@ def to_swiftkv(params: Params, num_key_value_layers: int, group_size: int = 1) -
     cfg = params.config
     if cfg.swiftkv:
         raise ConfigError("these params are already SwiftKV; convert the plain model instead")
+    if cfg.quantization:
+        raise ConfigError(f"these params are {cfg.quantization}; convert float params to SwiftKV "
+                          "(then quantize), or call params.dequantize() first")
     new_cfg = cfg.replace(num_key_value_layers=num_key_value_layers, key_value_group_size=group_size)
     L, g, n_groups = num_key_value_layers, group_size, new_cfg.num_kv_groups
     layers = [dict(layer) for layer in params.weights["layers"]]

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from ..config import ModelConfig
+from . import int8
+from .int8 import Int8Weight
 from .kv_access import KVView, LayerKV
 from .layers import (
     KVPlacement,
@@ -35,12 +37,18 @@ def group_kv(w: Weights, config: ModelConfig, h_l: jax.Array, rope: Rope
              ) -> tuple[jax.Array, jax.Array]:
     """K/V [G, B, T, K, h] of every upper group from s = norm_swiftkv(h_L): one einsum each."""
     s = rms_norm(h_l, w["norm"]["weight"], config.rms_norm_eps)
-    k = jnp.einsum("btd,gdkh->gbtkh", s, w["k_proj"].astype(s.dtype))
-    v = jnp.einsum("btd,gdkh->gbtkh", s, w["v_proj"].astype(s.dtype))
+    k, v = (_grouped(s, w[name]) for name in ("k_proj", "v_proj"))
     if "k_bias" in w:  # Qwen2: the SwiftKV projections have biases too, [G, K, h]
         k = k + w["k_bias"][:, None, None].astype(k.dtype)
         v = v + w["v_bias"][:, None, None].astype(v.dtype)
     return jax.vmap(lambda kg: apply_rope(kg, rope))(k), v
+
+
+def _grouped(s: jax.Array, w: jax.Array | Int8Weight) -> jax.Array:
+    """s [B, T, D] through the stacked leaders' weights -> [G, B, T, K, h]."""
+    if isinstance(w, Int8Weight):  # values [G, K, h, D]: one matmul, then groups first
+        return jnp.moveaxis(int8.matmul(s, w), 2, 0)
+    return jnp.einsum("btd,gdkh->gbtkh", s, w.astype(s.dtype))
 
 
 @functools.partial(jax.jit, static_argnames="config")

@@ -69,7 +69,7 @@ def init_cache(params: Params, batch_size: int, max_length: int, *,
     table = (jnp.arange(batch_size * blocks_per_row, dtype=jnp.int32) % num_blocks
              ).reshape(batch_size, blocks_per_row)
     if mesh is None:
-        sharding = getattr(params.weights["embed_tokens"], "sharding", None)
+        sharding = getattr(params.weights["norm"]["weight"], "sharding", None)
         if isinstance(sharding, jax.sharding.NamedSharding) and isinstance(sharding.mesh, jax.sharding.Mesh):
             mesh = sharding.mesh
     zeros = jnp.zeros

@@ -31,13 +31,25 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ..model.params import EMBED, HEAD_DIM, HEADS, KINDS, KV_GROUP, KV_HEADS, MLP, VOCAB, Params, kind_name
+from ..model.params import (
+    EMBED,
+    HEAD_DIM,
+    HEADS,
+    KINDS,
+    KV_GROUP,
+    KV_HEADS,
+    MLP,
+    QUANT_BLOCKS,
+    VOCAB,
+    Params,
+    kind_name,
+)
 from .mesh import DATA, MODEL, ShardingError, mesh_sizes
 
 # Logical axis -> mesh axis (None: replicated).
 LOGICAL_RULES: dict[str, str | None] = {
     VOCAB: MODEL, HEADS: MODEL, KV_HEADS: MODEL, MLP: MODEL,
-    EMBED: None, HEAD_DIM: None, KV_GROUP: None,
+    EMBED: None, HEAD_DIM: None, KV_GROUP: None, QUANT_BLOCKS: None,
 }
 
 

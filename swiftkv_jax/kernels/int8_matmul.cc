@@ -1,0 +1,278 @@
+// y = x @ dequantise(w).T for int8 weights on XLA:CPU (an XLA FFI custom call), for the few rows
+// of a decode step.
+//
+// Decode at small batch reads every weight once per step, so bytes per weight set its speed; but
+// XLA:CPU runs an int8 weight-only matmul by converting the whole weight to float32 before its dot
+// (~0.14x of float32 at one row, benchmarks/bench_weight_dtypes.py). This kernel reads the int8
+// weights in place. Weights are laid out [N outputs, K inputs] (each output's inputs contiguous, as
+// Hugging Face and GGUF store them), with one float32 scale per block of B inputs of each output
+// (B = K: one per output): w_float[n, k] = w[n, k] * scales[n, k / B].
+// For each tile of 4 outputs the weights are read once, converted and scaled into a float32 scratch
+// that stays in L1, and every row of x is multiplied with it there: the weights stream from memory
+// once for all rows; at one or two rows they are read straight from the int8 values instead (the
+// fewest instructions per weight: there the loop must keep up with memory). Contiguous ranges of
+// outputs are split over XLA's thread pool, their weights prefetched a few tiles ahead. AVX2 + FMA where the compiler targets
+// them, a scalar loop otherwise (and when `scalar` is set: tests compare both paths).
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SWIFTKV_INT8_AVX2 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kTile = 4;           // outputs per tile (converted together into the scratch)
+constexpr int64_t kMinItem = 16;       // outputs per unit of work handed to a thread, at least
+constexpr int64_t kItemsPerThread = 4; // contiguous items per thread (their weights stream in order)
+constexpr int64_t kPrefetchTiles = 4;  // how far ahead the weights are prefetched
+
+struct Problem {
+  const float* x;       // [R, K]
+  const int8_t* w;      // [N, K]
+  const float* scales;  // [N, NB]
+  float* y;             // [R, N]
+  int64_t R, K, N, NB, B;
+};
+
+// Output n of every row, scalar: the reference path (and the one without AVX2).
+void OutputScalar(const Problem& p, int64_t n) {
+  const int8_t* wn = p.w + n * p.K;
+  for (int64_t r = 0; r < p.R; ++r) {
+    const float* xr = p.x + r * p.K;
+    float acc = 0.f;
+    for (int64_t b = 0; b < p.NB; ++b) {
+      float part = 0.f;
+      for (int64_t k = b * p.B; k < (b + 1) * p.B; ++k) part += xr[k] * static_cast<float>(wn[k]);
+      acc += part * p.scales[n * p.NB + b];
+    }
+    p.y[r * p.N + n] = acc;
+  }
+}
+
+#ifdef SWIFTKV_INT8_AVX2
+inline float HorizontalSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Weights of outputs [n, n + count) -> float32 scratch rows of K, scaled block by block.
+void Dequantise(const Problem& p, int64_t n, int64_t count, float* scratch) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int8_t* wn = p.w + (n + i) * p.K;
+    const float* sn = p.scales + (n + i) * p.NB;
+    float* dst = scratch + i * p.K;
+    for (int64_t b = 0; b < p.NB; ++b) {
+      const int64_t k0 = b * p.B, k1 = k0 + p.B;
+      const __m256 s = _mm256_set1_ps(sn[b]);
+      int64_t k = k0;
+      for (; k + 8 <= k1; k += 8) {
+        const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wn + k));
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(packed));
+        _mm256_storeu_ps(dst + k, _mm256_mul_ps(f, s));
+      }
+      for (; k < k1; ++k) dst[k] = static_cast<float>(wn[k]) * sn[b];
+    }
+  }
+}
+
+// RB rows starting at r0 times the kTile scratch rows: 4 x RB accumulators, x read once per tile.
+template <int RB>
+void RowsTimesTile(const Problem& p, int64_t r0, int64_t n, const float* scratch) {
+  __m256 acc[RB][kTile];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < kTile; ++j) acc[r][j] = _mm256_setzero_ps();
+  const int64_t K = p.K, K8 = K / 8 * 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 w[kTile];
+    for (int j = 0; j < kTile; ++j) w[j] = _mm256_loadu_ps(scratch + j * K + k);
+    for (int r = 0; r < RB; ++r) {
+      const __m256 xv = _mm256_loadu_ps(p.x + (r0 + r) * K + k);
+      for (int j = 0; j < kTile; ++j) acc[r][j] = _mm256_fmadd_ps(xv, w[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    const float* xr = p.x + (r0 + r) * K;
+    for (int j = 0; j < kTile; ++j) {
+      float sum = HorizontalSum(acc[r][j]);
+      for (int64_t k = K8; k < K; ++k) sum += xr[k] * scratch[j * K + k];
+      p.y[(r0 + r) * p.N + n + j] = sum;
+    }
+  }
+}
+
+inline __m256 Load8(const int8_t* w) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+}
+
+// One or two rows times outputs [n, n + kTile), straight from the int8 weights: each block's
+// products are summed unscaled, then scaled once (the fewest instructions per weight: at one row
+// the loop must keep up with memory).
+template <int RB, int T>
+void RowsTimesWeights(const Problem& p, int64_t r0, int64_t n) {
+  __m256 acc[RB][T];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < T; ++j) acc[r][j] = _mm256_setzero_ps();
+  const int64_t K = p.K, B = p.B;
+  const int8_t* w = p.w + n * K;
+  for (int64_t b = 0; b < p.NB; ++b) {
+    __m256 part[RB][T];
+    for (int r = 0; r < RB; ++r)
+      for (int j = 0; j < T; ++j) part[r][j] = _mm256_setzero_ps();
+    for (int64_t k = b * B; k < (b + 1) * B; k += 8) {
+      if (k % 64 == 0)  // each cache line of the tile kPrefetchTiles ahead, as this one is read
+        for (int j = 0; j < T; ++j)
+          _mm_prefetch(reinterpret_cast<const char*>(w + (kPrefetchTiles * T + j) * K + k), _MM_HINT_T0);
+      __m256 wf[T];
+      for (int j = 0; j < T; ++j) wf[j] = Load8(w + j * K + k);
+      for (int r = 0; r < RB; ++r) {
+        const __m256 xv = _mm256_loadu_ps(p.x + (r0 + r) * K + k);
+        for (int j = 0; j < T; ++j) part[r][j] = _mm256_fmadd_ps(xv, wf[j], part[r][j]);
+      }
+    }
+    for (int j = 0; j < T; ++j) {
+      const __m256 s = _mm256_set1_ps(p.scales[(n + j) * p.NB + b]);
+      for (int r = 0; r < RB; ++r) acc[r][j] = _mm256_fmadd_ps(part[r][j], s, acc[r][j]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < T; ++j) p.y[(r0 + r) * p.N + n + j] = HorizontalSum(acc[r][j]);
+}
+
+// Outputs [n, n + kTile) of every row.
+void TileVector(const Problem& p, int64_t n, float* scratch) {
+  if (p.B % 8 == 0 && p.R <= 2) {
+    if (p.R == 2) RowsTimesWeights<2, kTile>(p, 0, n); else RowsTimesWeights<1, kTile>(p, 0, n);
+    return;
+  }
+  Dequantise(p, n, kTile, scratch);
+  int64_t r = 0;
+  for (; r + 3 <= p.R; r += 3) RowsTimesTile<3>(p, r, n, scratch);
+  if (p.R - r == 2) RowsTimesTile<2>(p, r, n, scratch);
+  if (p.R - r == 1) RowsTimesTile<1>(p, r, n, scratch);
+}
+#endif
+
+// Runs fn(0), ..., fn(items - 1) on the calling thread and on XLA's thread pool, and returns when
+// all are done. A task that starts after every item is taken returns at once; the shared state
+// outlives the call for it (fn is only called while items remain, so its captures stay valid).
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t items, const F& fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable all_done;
+  };
+  auto state = std::make_shared<State>();
+  auto run = [state, items, &fn] {
+    for (int64_t i = state->next.fetch_add(1); i < items; i = state->next.fetch_add(1)) {
+      fn(i);
+      if (state->done.fetch_add(1) + 1 == items) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->all_done.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), items) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run] { run(); });
+  run();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->all_done.wait(lock, [&] { return state->done.load() == items; });
+}
+
+// Outputs per unit of work: contiguous ranges, a few per thread, a multiple of the tile.
+int64_t ItemSize(int64_t n, ffi::ThreadPool& pool) {
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  return (std::max(kMinItem, n / (threads * kItemsPerThread)) + kTile - 1) / kTile * kTile;
+}
+
+ffi::Error CheckShapes(const Problem& p, const char* what) {
+  if (p.NB <= 0 || p.K % p.NB != 0) return ffi::Error::InvalidArgument(what);
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                          ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> y,
+                          int64_t scalar) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), sd = scales.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || wd[1] != xd[1] || sd[0] != wd[0])
+    return ffi::Error::InvalidArgument("int8 matmul: x [R,K], w [N,K], scales [N,NB]");
+  Problem p{x.typed_data(), w.typed_data(), scales.typed_data(), y->typed_data(),
+            xd[0], xd[1], wd[0], sd[1], 0};
+  if (auto e = CheckShapes(p, "int8 matmul: scales' blocks must divide K"); e.failure()) return e;
+  p.B = p.K / p.NB;
+  if (p.R * p.N == 0) return ffi::Error::Success();
+  const int64_t item = ItemSize(p.N, pool);
+  ParallelFor(pool, (p.N + item - 1) / item, [&](int64_t i) {
+    const int64_t n0 = i * item, n1 = std::min(p.N, n0 + item);
+    int64_t n = n0;
+#ifdef SWIFTKV_INT8_AVX2
+    thread_local std::vector<float> scratch;
+    scratch.resize(kTile * p.K);
+    if (scalar == 0)
+      for (; n + kTile <= n1; n += kTile) TileVector(p, n, scratch.data());
+#endif
+    for (; n < n1; ++n) OutputScalar(p, n);
+  });
+  return ffi::Error::Success();
+}
+
+// w [N, K] int8 * scales -> float32 [N, K]: the float copy a prefill chunk's matmul reads (a chunk
+// of many rows then multiplies with XLA's dot). `x`, the matmul's input, is not read: it makes the
+// conversion wait for it, so XLA cannot hoist every layer's copy to the start of the program (where
+// all of them would be alive at once: the whole model in float32, written and read from memory).
+ffi::Error Int8DequantiseImpl(ffi::ThreadPool pool, ffi::AnyBuffer, ffi::Buffer<ffi::S8> w,
+                              ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> out) {
+  const auto wd = w.dimensions(), sd = scales.dimensions();
+  if (wd.size() != 2 || sd.size() != 2 || sd[0] != wd[0])
+    return ffi::Error::InvalidArgument("int8 dequantise: w [N,K], scales [N,NB]");
+  Problem p{nullptr, w.typed_data(), scales.typed_data(), out->typed_data(), 0, wd[1], wd[0], sd[1], 0};
+  if (auto e = CheckShapes(p, "int8 dequantise: scales' blocks must divide K"); e.failure()) return e;
+  p.B = p.K / p.NB;
+  if (p.N * p.K == 0) return ffi::Error::Success();
+  const int64_t item = ItemSize(p.N, pool);
+  ParallelFor(pool, (p.N + item - 1) / item, [&](int64_t i) {
+    const int64_t n0 = i * item, n1 = std::min(p.N, n0 + item);
+#ifdef SWIFTKV_INT8_AVX2
+    Dequantise(p, n0, n1 - n0, p.y + n0 * p.K);
+#else
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < p.K; ++k)
+        p.y[n * p.K + k] = static_cast<float>(p.w[n * p.K + k]) * p.scales[n * p.NB + k / p.B];
+#endif
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SwiftkvInt8Matmul, Int8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("scalar"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SwiftkvInt8Dequantise, Int8DequantiseImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,143 @@
+"""int8 weights: a Linear weight stored as int8 with a float32 scale per block of inputs, and the
+matmul and embedding lookup that read it.
+
+Decode at small batch reads every weight once per step, so a quarter of the bytes is up to 4x the
+speed. An `Int8Weight` holds `values` [out..., in...] (each output's inputs contiguous, as Hugging
+Face and GGUF store Linear weights: the layout a kernel streams) and `scales` [out..., blocks],
+symmetric: weight = values * scale of its block of `block` inputs. Which tensors are quantised, and
+which of their axes are the inputs, is declared in params.SCHEMA (`quant_in`).
+
+`matmul` picks its implementation per platform at lowering, like the attention kernels: on CPU the
+native kernel (kernels/int8_matmul.cc) for the few rows of a decode step, and for prefill chunks
+XLA's dot on a float copy the same library converts on every thread (XLA's own conversion ran on
+one: a 1000-token prefill took 1.25x float32's); elsewhere XLA's dot on the weight converted and
+scaled in the same program (on GPU/TPU XLA fuses the conversion into the dot's operand).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ..kernels import cpu as cpu_kernels
+
+F32 = jnp.float32
+INT8_MAX = 127
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int8Weight:
+    """values int8 [out..., in...] and float32 scales [out..., in_size / block]; the last `in_dims`
+    dims of values are the inputs."""
+
+    values: jax.Array
+    scales: jax.Array
+    in_dims: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def in_size(self) -> int:
+        return math.prod(self.values.shape[len(self.values.shape) - self.in_dims:])
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape[:len(self.values.shape) - self.in_dims])
+
+    @property
+    def block(self) -> int:
+        """Inputs per scale."""
+        return self.in_size // self.scales.shape[-1]
+
+
+def block_for(in_size: int, block: int) -> int:
+    """The block a tensor of `in_size` inputs gets: `block` where it divides in_size, else one
+    scale per output (block = in_size). 0 asks for one scale per output."""
+    return block if block and in_size % block == 0 else in_size
+
+
+def quantised_shapes(shape: Sequence[int], quant_in: Sequence[int], block: int
+                     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(values shape, scales shape) of a float tensor of `shape` whose axes `quant_in` are inputs."""
+    out = tuple(d for i, d in enumerate(shape) if i not in quant_in)
+    ins = tuple(shape[i] for i in quant_in)
+    k = math.prod(ins)
+    return out + ins, out + (k // block_for(k, block),)
+
+
+def quantise(w: jax.Array, quant_in: Sequence[int], block: int) -> Int8Weight:
+    """Symmetric int8 of a float weight in our layout; `quant_in` are its input axes."""
+    out_axes = [i for i in range(w.ndim) if i not in quant_in]
+    v = jnp.transpose(jnp.asarray(w, F32), out_axes + list(quant_in))
+    out_shape, k = v.shape[:len(out_axes)], math.prod(w.shape[i] for i in quant_in)
+    b = block_for(k, block)
+    blocks = v.reshape(out_shape + (k // b, b))
+    amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
+    values = jnp.clip(jnp.round(blocks / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return Int8Weight(values.reshape(v.shape), scale[..., 0], len(quant_in))
+
+
+def dequantise(q: Int8Weight, quant_in: Sequence[int], dtype=F32) -> jax.Array:
+    """The float weight in our layout (the inverse of `quantise` up to its rounding)."""
+    w = _float_values(q, dtype)
+    n_out = w.ndim - len(quant_in)
+    out_axes = [i for i in range(w.ndim) if i not in quant_in]
+    order = out_axes + list(quant_in)  # our axis order[j] sits at position j of w
+    return jnp.transpose(w, [order.index(i) for i in range(w.ndim)]) if n_out else w
+
+
+def _float_values(q: Int8Weight, dtype) -> jax.Array:
+    """values * scales in `dtype`, shaped as values."""
+    blocks = q.values.reshape(q.out_shape + (q.scales.shape[-1], q.block))
+    return (blocks.astype(dtype) * q.scales[..., None].astype(dtype)).reshape(q.values.shape)
+
+
+def matmul(x: jax.Array, w: Int8Weight, out_dtype=None) -> jax.Array:
+    """x [..., in_size] @ w -> [..., out...] in `out_dtype` (default x's; float32 accumulation)."""
+    n, k = math.prod(w.out_shape), w.in_size
+    x2 = x.reshape(-1, k)
+    v2, s2 = w.values.reshape(n, k), w.scales.reshape(n, -1)
+
+    def dot(x2: jax.Array, v2: jax.Array, s2: jax.Array, dequantise=None) -> jax.Array:
+        wf = dequantise(v2, s2) if dequantise else _float_values(Int8Weight(v2, s2, 1), x.dtype)
+        return jax.lax.dot_general(x2, wf, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+
+    few_rows = x2.shape[0] <= cpu_kernels.INT8_MATMUL_MAX_ROWS
+    target = cpu_kernels.int8_matmul_target() if few_rows else cpu_kernels.int8_dequantise_target()
+    if target is not None and x.dtype == F32:
+        if few_rows:  # decode: the kernel reads the int8 weights in place
+            on_cpu = lambda *a: cpu_kernels.int8_matmul(target, *a)
+        else:  # prefill chunks: XLA's dot on a float copy made on every thread
+            on_cpu = lambda x2, v2, s2: dot(x2, v2, s2, dequantise=lambda v, s: cpu_kernels.int8_dequantise(
+                target, x2, v, s))
+        y = jax.lax.platform_dependent(x2, v2, s2, cpu=on_cpu, default=dot)
+    else:
+        y = dot(x2, v2, s2)
+    return y.astype(out_dtype or x.dtype).reshape(x.shape[:-1] + w.out_shape)
+
+
+def lookup(table: Int8Weight, tokens: jax.Array, dtype=F32) -> jax.Array:
+    """Rows `tokens` of an int8 embedding table [V, D] as floats: only those rows are converted."""
+    return _float_values(Int8Weight(table.values[tokens], table.scales[tokens], 1), dtype)
+
+
+def to_dicts(tree):
+    """`tree` with every Int8Weight as a plain {"values", "scales"} dict (how checkpoints store it)."""
+    return jax.tree.map(lambda x: {"values": x.values, "scales": x.scales} if isinstance(x, Int8Weight)
+                        else x, tree, is_leaf=lambda x: isinstance(x, Int8Weight))
+
+
+def from_dicts(tree):
+    """The inverse of to_dicts: {"values", "scales"} dicts back into Int8Weights."""
+    if isinstance(tree, dict):
+        if set(tree) == {"values", "scales"}:
+            values, scales = tree["values"], tree["scales"]
+            return Int8Weight(values, scales, len(values.shape) - len(scales.shape) + 1)
+        return {k: from_dicts(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(from_dicts(v) for v in tree)
+    return tree
