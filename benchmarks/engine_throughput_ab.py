@@ -6,6 +6,7 @@ only, so the same file measures two checkouts of the library in turn (before / a
 
 About 8 minutes on 2 cores with the compilation cache warm. SmolLM2-135M-Instruct (the shipped
 GGUF), f32; the full engine benchmark with generate() beside it is bench_engine.py.
+`--int8` adds both models with int8 weights (params.quantize), ~16 minutes in all.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ def main() -> int:
             for _ in range(32)]
     max_length = -(-(1100 + 64) // 16) * 16
     rates = {}
-    for name, params in {"L15": sk.to_swiftkv(base, 15, 1), "off": base}.items():
+    models = {"L15": sk.to_swiftkv(base, 15, 1), "off": base}
+    if "--int8" in sys.argv[1:]:
+        models.update({f"{name} int8": params.quantize("int8") for name, params in list(models.items())})
+    for name, params in models.items():
         engine = sk.Engine(params, max_slots=8, max_length=max_length, chunk_size=256, decode_steps=8)
         print(f"{name}: warm-up {engine.warmup():.0f} s", file=sys.stderr)
         best = 0.0
@@ -44,6 +48,10 @@ def main() -> int:
         print(f"(a) engine {name}: {best:.0f} total tokens/s (best of 2)", flush=True)
         del engine
     print(f"(a) SwiftKV L15 vs off: {rates['L15'] / rates['off']:.2f}x")
+    if "L15 int8" in rates:
+        print(f"(a) int8 vs float32: L15 {rates['L15 int8'] / rates['L15']:.2f}x, off "
+              f"{rates['off int8'] / rates['off']:.2f}x; SwiftKV L15 vs off with int8: "
+              f"{rates['L15 int8'] / rates['off int8']:.2f}x")
     return 0
 
 

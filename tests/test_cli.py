@@ -50,3 +50,11 @@ def test_generate_prints_the_answer_of_the_default_model(capsys):
     assert main(["generate", "What is the capital of France?", "--max-new-tokens", "12", "--verbose"]) == 0
     out = capsys.readouterr()
     assert "Paris" in out.out and "first token" in out.err and "[start-up: " in out.err
+
+
+@pytest.mark.real_model
+def test_generate_with_int8_weights_answers_like_the_float_model(capsys):
+    """`--quantize int8` on the real model: the same right answer, from a quarter of the bytes."""
+    assert main(["generate", "What is the capital of France?", "--max-new-tokens", "12",
+                 "--quantize", "int8"]) == 0
+    assert "Paris" in capsys.readouterr().out

@@ -1,7 +1,9 @@
 """GGUF loading: tiny models written as llama.cpp files, checked against transformers' GGUF loader."""
 
 import gguf
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -55,3 +57,27 @@ def test_gguf_matches_transformers_gguf_loader(tmp_path, monkeypatch, source, qt
         hf_greedy(ref_model, ids[0], 32)
     if qtype == gguf.GGMLQuantizationType.F32:  # unquantized: equal to the original HF weights too
         assert rel_err(ours, hf_logits(torch_model, ids)) <= 1e-4
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_q8_0_gguf_loads_into_int8_as_stored(tmp_path, monkeypatch, tied):
+    """quantize="int8" takes a Q8_0 file's int8 values and float16 scales as they are: dequantised,
+    they equal the gguf package's own dequantisation bit for bit (q/k rows un-permuted alike),
+    and the model answers like transformers' GGUF loader."""
+    monkeypatch.setenv("SWIFTKV_JAX_WEIGHTS_CACHE", "off")
+    torch_model = make_hf_llama(tmp_path / "hf", num_key_value_heads=2, tie_word_embeddings=tied,
+                                hidden_size=64, intermediate_size=96)
+    path = write_gguf(torch_model, tmp_path / "tiny.gguf", gguf.GGMLQuantizationType.Q8_0)
+    floats, _ = sk.load(path, progress=False, tokenizer=False)
+    params, _ = sk.load(path, progress=False, tokenizer=False, quantize="int8")
+    assert params.config.quantization == "int8" and params.config.quantization_block == 32
+    q_proj = params.weights["layers"][1]["q_proj"]
+    assert q_proj.values.dtype == jnp.int8 and q_proj.scales.shape == (4, 16, 2)
+    for a, b in zip(jax.tree.leaves(params.dequantize().weights), jax.tree.leaves(floats.weights),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32, attn_implementation="eager").eval()
+    ids = prompts(params.config.vocab_size, [20], seed=1)
+    assert sk.generate(params, None, ids[0], max_new_tokens=16, stop_ids=[])[0] == \
+        hf_greedy(ref_model, ids[0], 16)

@@ -3,6 +3,10 @@
 llama.cpp stores a Llama's q/k weights permuted for interleaved RoPE; we undo that so the
 half-split RoPE of the Hugging Face layout applies (as transformers' own GGUF loader does). Qwen2 and
 Qwen3 files (architectures `qwen2`, `qwen3`) keep the Hugging Face order.
+
+Loaded as int8 (`quantize="int8"`), a Q8_0 tensor (blocks of 32 int8 with one float16 scale, each
+output's inputs contiguous) is our int8 layout at block 32: its values and scales are taken as they
+are, never rounded through float32; tensors of other types are dequantised and quantised.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
-from ..model.params import HEADS, KV_HEADS, SCHEMA, Params, TensorKind
+from ..model.int8 import Int8Weight
+from ..model.params import HEADS, KV_HEADS, SCHEMA, Params, TensorKind, get_path, set_path
 from .weights import WeightsError, params_from_tensors
 
 
@@ -64,9 +69,23 @@ def read_metadata(reader: Any) -> dict[str, Any]:
     return meta
 
 
-def load_gguf(path: str | Path, dtype: Any = jnp.float32, progress: bool = True) -> Params:
+Q8_0_BLOCK = 32
+
+
+def has_q8_0(path: str | Path) -> bool:
+    """Whether the GGUF file holds Q8_0 tensors (an int8 load then takes them as they are)."""
+    import gguf
+    try:
+        tensors = gguf.GGUFReader(str(path)).tensors
+    except Exception:  # not readable: load_gguf says why
+        return False
+    return any(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in tensors)
+
+
+def load_gguf(path: str | Path, dtype: Any = jnp.float32, progress: bool = True,
+              quantize: str | None = None) -> Params:
     """Params from a Llama / Qwen2 / Qwen3 GGUF file, dequantizing any tensor type the gguf
-    package supports."""
+    package supports; with quantize="int8", int8 params whose Q8_0 tensors are the file's own."""
     import gguf
     try:
         reader = gguf.GGUFReader(str(path))
@@ -81,8 +100,14 @@ def load_gguf(path: str | Path, dtype: Any = jnp.float32, progress: bool = True)
     by_hf = {hf_name(n): t for n, t in tensors.items() if hf_name(n) is not None}
     heads = {HEADS: cfg.num_heads, KV_HEADS: cfg.num_kv_heads}
 
+    direct = {} if quantize != "int8" else {
+        name: t for name, t in by_hf.items()
+        if t.tensor_type == gguf.GGMLQuantizationType.Q8_0 and _kind_of(t.name)[0].quant_in}
+
     def get(name: str) -> np.ndarray:
         t = by_hf[name]
+        if name in direct:  # a placeholder, replaced below by the file's own int8 values
+            return np.zeros(tuple(int(x) for x in reversed(t.shape)), np.float32)
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -93,7 +118,32 @@ def load_gguf(path: str | Path, dtype: Any = jnp.float32, progress: bool = True)
         permuted = kind.rope_heads and cfg.family == "llama"
         return unpermute_qk(w, heads[kind.rope_heads]) if permuted else w
 
-    return params_from_tensors(cfg, get, by_hf.keys(), dtype, progress)
+    params = params_from_tensors(cfg, get, by_hf.keys(), dtype, progress)
+    if quantize is None:
+        return params
+    params = params.quantize(quantize, Q8_0_BLOCK if direct else None)
+    for name, t in direct.items():
+        kind, layer = _kind_of(t.name)
+        rope_heads = heads[kind.rope_heads] if kind.rope_heads and cfg.family == "llama" else None
+        placeholder = get_path(params.weights, kind.path(layer))
+        values, scales = _q8_0_blocks(t, rope_heads)
+        set_path(params.weights, kind.path(layer), Int8Weight(
+            jnp.asarray(values.reshape(placeholder.values.shape)),
+            jnp.asarray(scales.reshape(placeholder.scales.shape)), placeholder.in_dims))
+    return params
+
+
+def _q8_0_blocks(t: Any, rope_heads: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """A Q8_0 tensor's int8 values [out, in] and float32 scales [out, in / 32]: each block of 32
+    inputs of an output is 2 bytes of float16 scale, then 32 int8 values (q/k rows un-permuted
+    like the float path's)."""
+    n, k = int(t.shape[1]), int(t.shape[0])
+    blocks = np.asarray(t.data).reshape(n, k // Q8_0_BLOCK, 2 + Q8_0_BLOCK)
+    scales = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float32)
+    values = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, k)
+    if rope_heads:
+        values, scales = unpermute_qk(values, rope_heads), unpermute_qk(scales, rope_heads)
+    return values, scales
 
 
 def tokenizer_from_gguf_metadata(path: str | Path) -> Any:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from ..config import check_quantization
 from ..model.params import Params
 from . import shipped
-from .gguf import load_gguf_tokenizer
+from .gguf import has_q8_0, load_gguf, load_gguf_tokenizer
 from .weights import WeightsError, is_checkpoint, load_checkpoint, load_hf_folder
 from .weights_cache import cached_gguf_params
 
@@ -98,7 +98,10 @@ def load(path: str | Path | None = None, dtype: Any = None, progress: bool = Tru
         if path.suffix != ".gguf":
             raise WeightsError(f"{path} is a file but not a .gguf file; for Hugging Face weights "
                                "pass the folder that holds config.json")
-        params = cached_gguf_params(path, dtype, progress)  # dequantised once per file
+        if quantize and has_q8_0(path):  # its Q8_0 tensors are taken as they are
+            params = load_gguf(path, dtype, progress, quantize)
+        else:
+            params = cached_gguf_params(path, dtype, progress)  # dequantised once per file
     elif is_checkpoint(path):
         params = load_checkpoint(path, dtype, sharding=mesh)
     else:
