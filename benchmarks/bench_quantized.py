@@ -122,6 +122,21 @@ def answers(params: sk.Params, tokenizer, max_new_tokens: int = 48) -> list[list
     return out
 
 
+def divergences(params: sk.Params, tokenizer, ref: list[list[int]], test: list[list[int]]) -> list[dict]:
+    """For each prompt answered differently: the token where the answers part and the reference
+    model's top-2 logit gap there (a near tie flips under the smallest perturbation)."""
+    from swiftkv_jax.text.tokenization import encode_prompt
+    out = []
+    for i, (a, b) in enumerate(zip(ref, test)):
+        if a == b:
+            continue
+        at = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+        ids = encode_prompt(tokenizer, PROMPTS[i], chat=True) + a[:at]
+        top2 = np.sort(np.asarray(sk.forward(params, None, jnp.asarray([ids]))[0][0]))[-2:]
+        out.append({"prompt": i + 1, "parts_at_token": at, "top2_gap": float(top2[1] - top2[0])})
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peer-python", default=None, help="a python with llama-cpp-python installed")
@@ -174,6 +189,7 @@ def main() -> int:
         qd = quality(ref, test, text)
         a, b = answers(ref, tokenizer), answers(test, tokenizer)
         qd["answers_identical"] = sum(x == y for x, y in zip(a, b))
+        qd["divergences"] = divergences(ref, tokenizer, a, b)
         qd["ppl_ratio"] = qd["ppl_int8"] / qd["ppl_f32"]
         r["quality"][name] = qd
 
@@ -215,6 +231,10 @@ def summary(r: dict) -> list[str]:
         rows.append(f"| {name} | {qd['ppl_f32']:.3f} | {qd['ppl_int8']:.3f} | {qd['ppl_ratio']:.4f} "
                     f"{mark(qd['ppl_ratio'] <= 1.01)} | {qd['kl']:.5f} {mark(qd['kl'] <= 0.01)} | "
                     f"{qd['top1']:.1%} | {qd['answers_identical']} {mark(qd['answers_identical'] >= 18)} |")
+    for name, qd in r["quality"].items():
+        parts = ", ".join(f"#{d['prompt']} at token {d['parts_at_token']} (gap {d['top2_gap']:.3f})"
+                          for d in qd["divergences"])
+        rows.append(f"\n{name}: answers part where float32 is near a tie: {parts or 'none'}")
     rows.append(f"\n({r['quality']['plain']['tokens']} English tokens; command: `{r['command']}`)")
     return rows
 

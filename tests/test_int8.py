@@ -166,8 +166,10 @@ def test_bytes_and_checkpoint_round_trip(models, tmp_path):
 
 
 def test_abstract_weights_memory_and_sharding_follow_the_schema():
-    """The schema's int8 entries give abstract shapes equal to real quantised params, and partition
-    specs: an int8 q_proj [heads, head_dim, embed] splits over heads like the float one."""
+    """The schema's int8 entries give abstract shapes equal to real quantised params, partition
+    specs (an int8 q_proj [heads, head_dim, embed] splits over heads like the float one) and the
+    memory estimate (int8 bytes, not the float dtype's)."""
+    from swiftkv_jax.sharding.memory import memory_per_device
     from swiftkv_jax.sharding.partitioning import param_specs
     cfg = sk.ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
                          num_kv_heads=2, head_dim=16, num_key_value_layers=1, quantization="int8")
@@ -181,6 +183,9 @@ def test_abstract_weights_memory_and_sharding_follow_the_schema():
     assert tuple(specs["layers"][0]["mlp"]["down_proj"].scales) == (None, None)
     assert tuple(specs["embed_tokens"].values) == ("model", None)
     assert KINDS["layers/*/q_proj/scales"].axes == ("heads", "head_dim", "quant_blocks")
+    memory = memory_per_device(cfg, {"data": 1, "model": 2}, jnp.float32, teacher=True)
+    assert memory["params_total"] == params.nbytes()
+    assert memory["params"] < 0.6 * params.nbytes()  # the int8 values split over "model" too
 
 
 def test_bad_requests_get_clear_errors(models):

@@ -34,13 +34,14 @@ def memory_per_device(config: ModelConfig, mesh: Mesh | Mapping[str, int] | str,
     itemsize = jnp.dtype(dtype).itemsize
     weights = abstract_weights(config, dtype, teacher)
     specs = param_specs(weights, sizes, warn=False)
-    param_bytes = sum(shard_bytes(x.shape, itemsize, sp, sizes) for x, sp in zip(
+    size = lambda x: jnp.dtype(x.dtype).itemsize  # an int8 model's values and float32 scales
+    param_bytes = sum(shard_bytes(x.shape, size(x), sp, sizes) for x, sp in zip(
         jax.tree.leaves(weights), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))))
     slots = batch_size * max_length
     pool = pool_spec(config.num_kv_heads, sizes, pool_over_data, slots)
     per_pool = shard_bytes((config.num_kv_heads, slots, config.head_dim), itemsize, pool, sizes)
     return {"params": param_bytes, "cache": 2 * config.num_cache_layers * per_pool,
-            "params_total": sum(math.prod(x.shape) * itemsize for x in jax.tree.leaves(weights)),
+            "params_total": sum(math.prod(x.shape) * size(x) for x in jax.tree.leaves(weights)),
             "cache_total": slots * config.kv_bytes_per_token(itemsize)}
 
 
