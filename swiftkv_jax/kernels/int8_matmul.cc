@@ -70,6 +70,11 @@ inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// 8 int8 weights as float32.
+inline __m256 Load8(const int8_t* w) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+}
+
 // Weights of outputs [n, n + count) -> float32 scratch rows of K, scaled block by block.
 void Dequantise(const Problem& p, int64_t n, int64_t count, float* scratch) {
   for (int64_t i = 0; i < count; ++i) {
@@ -81,9 +86,7 @@ void Dequantise(const Problem& p, int64_t n, int64_t count, float* scratch) {
       const __m256 s = _mm256_set1_ps(sn[b]);
       int64_t k = k0;
       for (; k + 8 <= k1; k += 8) {
-        const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wn + k));
-        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(packed));
-        _mm256_storeu_ps(dst + k, _mm256_mul_ps(f, s));
+        _mm256_storeu_ps(dst + k, _mm256_mul_ps(Load8(wn + k), s));
       }
       for (; k < k1; ++k) dst[k] = static_cast<float>(wn[k]) * sn[b];
     }
@@ -113,10 +116,6 @@ void RowsTimesTile(const Problem& p, int64_t r0, int64_t n, const float* scratch
       p.y[(r0 + r) * p.N + n + j] = sum;
     }
   }
-}
-
-inline __m256 Load8(const int8_t* w) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
 }
 
 // One or two rows times outputs [n, n + kTile), straight from the int8 weights: each block's
