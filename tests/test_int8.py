@@ -196,6 +196,8 @@ def test_bad_requests_get_clear_errors(models):
         params.quantize("int8")
     with pytest.raises(ConfigError, match="convert float params to SwiftKV"):
         sk.to_swiftkv(params, 1)
+    with pytest.raises(ValueError, match="NNX modules hold float weights"):
+        sk.Llama.from_params(params)
     with pytest.raises(ConfigError, match="quantization must be one of"):
         params.config.replace(quantization="int4")
     with pytest.raises(ConfigError, match="quant_method 'gptq' is not supported"):

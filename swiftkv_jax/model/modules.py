@@ -78,6 +78,10 @@ class Llama(nnx.Module):
             params = init_params(config, rngs.params())
         elif params.config != config:
             raise ValueError("params were made for another config than the one given")
+        if config.quantization:
+            raise ValueError(f"the NNX modules hold float weights; these params are "
+                             f"{config.quantization}: wrap params.dequantize(), or use the functions "
+                             "(sk.forward, sk.generate, sk.Engine) on the int8 params directly")
         cfg = self.config = config
         self.layers = nnx.List([DecoderLayer() for _ in range(cfg.num_layers)])
         for t in tensors(cfg):
