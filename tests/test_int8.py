@@ -59,6 +59,20 @@ def test_kernel_matches_float64_reference(target, case, scalar):
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
+def test_one_call_for_several_weights(target, scalar):
+    """q/k/v-like weights of different widths and blocks in one kernel call, each = its reference."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 64), dtype=np.float32)
+    weights = [(rng.integers(-127, 128, (n, 64)).astype(np.int8),
+                rng.uniform(1e-3, 2e-2, (n, b)).astype(np.float32)) for n, b in ((40, 2), (8, 1), (13, 8))]
+    got = cpu_kernels.int8_matmuls(target, jnp.asarray(x), [tuple(map(jnp.asarray, w)) for w in weights],
+                                   scalar)
+    for y, (values, scales) in zip(got, weights, strict=True):
+        want = x.astype(np.float64) @ dequantised_f64(values, scales).T
+        np.testing.assert_allclose(np.asarray(y), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
 def test_matmul_routes_to_the_kernel_and_equals_xla(target):
     """int8.matmul at decode rows takes the kernel (in the lowered program) and gives what the XLA
     path (dequantise, dot) gives; switched off, the program has no kernel call."""

@@ -4,8 +4,9 @@ At decode shapes XLA:CPU spends most of a paged-attention step gathering pool bl
 times what reading the keys once costs; `kernels/paged_attention.cc` reads them in place. It
 converts int8 weights to float32 whole before a matmul; `kernels/int8_matmul.cc` reads them in
 place for the few rows of a decode step. Each source is compiled with the machine's C++ compiler
-(-march=native, against the XLA FFI headers that jaxlib ships) into $SWIFTKV_JAX_KERNEL_CACHE (default ~/.cache/swiftkv-jax/kernels), keyed by source,
-jaxlib, compiler and CPU, and loaded once per process. Without a compiler, or with
+(-march=native, against the XLA FFI headers that jaxlib ships) into $SWIFTKV_JAX_KERNEL_CACHE
+(default ~/.cache/swiftkv-jax/kernels), keyed by source, jaxlib, compiler and CPU, and loaded once
+per process. Without a compiler, or with
 SWIFTKV_JAX_CPU_KERNELS=off, callers get None and keep XLA's own path (equal to float32 rounding).
 """
 
@@ -145,8 +146,15 @@ def int8_matmul(target: str, x: jax.Array, w: jax.Array, scales: jax.Array,
                 scalar: bool = False) -> jax.Array:
     """x [R, K] float32 @ (w [N, K] int8 * scales [N, K / B] per block of B inputs).T -> [R, N]
     float32. `scalar` forces the kernel's scalar loop (tests compare it with the AVX2 one)."""
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))
-    return call(x, w, scales, scalar=np.int64(scalar))
+    return int8_matmuls(target, x, [(w, scales)], scalar)[0]
+
+
+def int8_matmuls(target: str, x: jax.Array, weights: list[tuple[jax.Array, jax.Array]],
+                 scalar: bool = False) -> list[jax.Array]:
+    """int8_matmul of one input with several (w, scales): one call, the threads started once."""
+    shapes = [jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32) for w, _ in weights]
+    call = jax.ffi.ffi_call(target, shapes)
+    return list(call(x, *(a for pair in weights for a in pair), scalar=np.int64(scalar)))
 
 
 def int8_dequantise(target: str, x: jax.Array, w: jax.Array, scales: jax.Array) -> jax.Array:

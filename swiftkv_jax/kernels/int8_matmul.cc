@@ -204,28 +204,50 @@ ffi::Error CheckShapes(const Problem& p, const char* what) {
   return ffi::Error::Success();
 }
 
-ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                          ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> y,
-                          int64_t scalar) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), sd = scales.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || wd[1] != xd[1] || sd[0] != wd[0])
-    return ffi::Error::InvalidArgument("int8 matmul: x [R,K], w [N,K], scales [N,NB]");
-  Problem p{x.typed_data(), w.typed_data(), scales.typed_data(), y->typed_data(),
-            xd[0], xd[1], wd[0], sd[1], 0};
-  if (auto e = CheckShapes(p, "int8 matmul: scales' blocks must divide K"); e.failure()) return e;
-  p.B = p.K / p.NB;
-  if (p.R * p.N == 0) return ffi::Error::Success();
-  const int64_t item = ItemSize(p.N, pool);
-  ParallelFor(pool, (p.N + item - 1) / item, [&](int64_t i) {
-    const int64_t n0 = i * item, n1 = std::min(p.N, n0 + item);
-    int64_t n = n0;
+// y_i = x @ dequantise(w_i).T for every weight i given (q/k/v, or gate/up: one input, one call, so
+// the threads start once for all of them: a decode step's matmuls are short and one after another).
+// args: w_0, scales_0, w_1, scales_1, ...; rets: y_0, y_1, ...
+ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
+                          ffi::RemainingRets rets, int64_t scalar) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || args.size() == 0 || args.size() != 2 * rets.size())
+    return ffi::Error::InvalidArgument("int8 matmul: x [R,K], then (w [N,K], scales [N,NB]) per output");
+  std::vector<Problem> problems;
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto w = args.get<ffi::Buffer<ffi::S8>>(2 * i);
+    auto scales = args.get<ffi::Buffer<ffi::F32>>(2 * i + 1);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (!w.has_value() || !scales.has_value() || !y.has_value())
+      return ffi::Error::InvalidArgument("int8 matmul: weights int8, scales and outputs float32");
+    const auto wd = w->dimensions(), sd = scales->dimensions();
+    if (wd.size() != 2 || sd.size() != 2 || wd[1] != xd[1] || sd[0] != wd[0])
+      return ffi::Error::InvalidArgument("int8 matmul: x [R,K], w [N,K], scales [N,NB]");
+    Problem p{x.typed_data(), w->typed_data(), scales->typed_data(), (*y)->typed_data(),
+              xd[0], xd[1], wd[0], sd[1], 0};
+    if (auto e = CheckShapes(p, "int8 matmul: scales' blocks must divide K"); e.failure()) return e;
+    p.B = p.K / p.NB;
+    if (p.R * p.N > 0) problems.push_back(p);
+  }
+  // Units of work over all the outputs: contiguous ranges, none across two weights.
+  struct Range { int64_t problem, n0, n1; };
+  std::vector<Range> ranges;
+  int64_t total = 0;
+  for (const auto& p : problems) total += p.N;
+  const int64_t item = ItemSize(total, pool);
+  for (size_t i = 0; i < problems.size(); ++i)
+    for (int64_t n0 = 0; n0 < problems[i].N; n0 += item)
+      ranges.push_back({static_cast<int64_t>(i), n0, std::min(problems[i].N, n0 + item)});
+  ParallelFor(pool, static_cast<int64_t>(ranges.size()), [&](int64_t i) {
+    const Range& range = ranges[i];
+    const Problem& p = problems[range.problem];
+    int64_t n = range.n0;
 #ifdef SWIFTKV_INT8_AVX2
     thread_local std::vector<float> scratch;
     scratch.resize(kTile * p.K);
     if (scalar == 0)
-      for (; n + kTile <= n1; n += kTile) TileVector(p, n, scratch.data());
+      for (; n + kTile <= range.n1; n += kTile) TileVector(p, n, scratch.data());
 #endif
-    for (; n < n1; ++n) OutputScalar(p, n);
+    for (; n < range.n1; ++n) OutputScalar(p, n);
   });
   return ffi::Error::Success();
 }
@@ -263,9 +285,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SwiftkvInt8Matmul, Int8MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
                                   .Attr<int64_t>("scalar"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SwiftkvInt8Dequantise, Int8DequantiseImpl,

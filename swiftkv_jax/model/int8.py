@@ -98,26 +98,38 @@ def _float_values(q: Int8Weight, dtype) -> jax.Array:
 
 def matmul(x: jax.Array, w: Int8Weight, out_dtype=None) -> jax.Array:
     """x [..., in_size] @ w -> [..., out...] in `out_dtype` (default x's; float32 accumulation)."""
-    n, k = math.prod(w.out_shape), w.in_size
+    return matmuls(x, [w], out_dtype)[0]
+
+
+def matmuls(x: jax.Array, ws: Sequence[Int8Weight], out_dtype=None) -> list[jax.Array]:
+    """matmul(x, w) for each of `ws` (one input: q/k/v, gate/up); on CPU decode rows one kernel
+    call for all of them, so its threads start once (a decode step's calls are short and in a row)."""
+    k = ws[0].in_size
     x2 = x.reshape(-1, k)
-    v2, s2 = w.values.reshape(n, k), w.scales.reshape(n, -1)
+    flat = [(w.values.reshape(-1, k), w.scales.reshape(math.prod(w.out_shape), -1)) for w in ws]
 
     def dot(x2: jax.Array, v2: jax.Array, s2: jax.Array, dequantise=None) -> jax.Array:
         wf = dequantise(v2, s2) if dequantise else _float_values(Int8Weight(v2, s2, 1), x.dtype)
         return jax.lax.dot_general(x2, wf, (((1,), (1,)), ((), ())), preferred_element_type=F32)
 
+    def xla(x2: jax.Array, *pairs: jax.Array) -> list[jax.Array]:
+        return [dot(x2, pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)]
+
     few_rows = x2.shape[0] <= cpu_kernels.INT8_MATMUL_MAX_ROWS
     target = cpu_kernels.int8_matmul_target() if few_rows else cpu_kernels.int8_dequantise_target()
+    pairs = [a for pair in flat for a in pair]
     if target is not None and x.dtype == F32:
         if few_rows:  # decode: the kernel reads the int8 weights in place
-            on_cpu = lambda *a: cpu_kernels.int8_matmul(target, *a)
+            def on_cpu(x2, *pairs):
+                return cpu_kernels.int8_matmuls(target, x2, list(zip(pairs[::2], pairs[1::2])))
         else:  # prefill chunks: XLA's dot on a float copy made on every thread
-            on_cpu = lambda x2, v2, s2: dot(x2, v2, s2, dequantise=lambda v, s: cpu_kernels.int8_dequantise(
-                target, x2, v, s))
-        y = jax.lax.platform_dependent(x2, v2, s2, cpu=on_cpu, default=dot)
+            def on_cpu(x2, *pairs):
+                copy = lambda v, s: cpu_kernels.int8_dequantise(target, x2, v, s)
+                return [dot(x2, pairs[i], pairs[i + 1], copy) for i in range(0, len(pairs), 2)]
+        ys = jax.lax.platform_dependent(x2, *pairs, cpu=on_cpu, default=xla)
     else:
-        y = dot(x2, v2, s2)
-    return y.astype(out_dtype or x.dtype).reshape(x.shape[:-1] + w.out_shape)
+        ys = xla(x2, *pairs)
+    return [y.astype(out_dtype or x.dtype).reshape(x.shape[:-1] + w.out_shape) for y, w in zip(ys, ws)]
 
 
 def lookup(table: Int8Weight, tokens: jax.Array, dtype=F32) -> jax.Array:

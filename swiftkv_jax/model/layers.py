@@ -56,6 +56,18 @@ def linear(x: jax.Array, w: jax.Array | Int8Weight, in_dims: int = 1) -> jax.Arr
     return y.reshape(x.shape[:-1] + w.shape[in_dims:])
 
 
+def linears(x: jax.Array, ws: Sequence[jax.Array | Int8Weight]) -> list[jax.Array]:
+    """linear(x, w) for each of `ws` (one input); int8 weights as one call (int8.matmuls)."""
+    if all(isinstance(w, Int8Weight) for w in ws):
+        return int8.matmuls(x, ws)
+    return [linear(x, w) for w in ws]
+
+
+def add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """y + bias (Qwen2's q/k/v biases), or y itself without one."""
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
 def embed(w: Weights, tokens: jax.Array) -> jax.Array:
     """The embedding rows of `tokens`, in the activations' dtype (the float weights')."""
     table = w["embed_tokens"]
@@ -66,8 +78,7 @@ def embed(w: Weights, tokens: jax.Array) -> jax.Array:
 
 def project(x: jax.Array, w: jax.Array | Int8Weight, bias: jax.Array | None = None) -> jax.Array:
     """x [B, T, D] @ w [D, heads, h] (+ bias [heads, h], Qwen2) -> [B, T, heads, h]."""
-    y = linear(x, w)
-    return y if bias is None else y + bias.astype(y.dtype)
+    return add_bias(linear(x, w), bias)
 
 
 def head_norm(x: jax.Array, norm: Weights | None, config: ModelConfig) -> jax.Array:
@@ -84,7 +95,7 @@ def queries(w: Weights, config: ModelConfig, x: jax.Array, rope: Rope, proj: str
 
 def mlp(w: Weights, x: jax.Array) -> jax.Array:
     """SwiGLU: down(silu(gate x) * up x)."""
-    gate, up = linear(x, w["gate_proj"]), linear(x, w["up_proj"])
+    gate, up = linears(x, [w["gate_proj"], w["up_proj"]])
     return linear(jax.nn.silu(gate) * up, w["down_proj"])
 
 
@@ -93,10 +104,14 @@ def attention_input(w: Weights, config: ModelConfig, h: jax.Array) -> jax.Array:
     return rms_norm(h, w["input_layernorm"]["weight"], config.rms_norm_eps)
 
 
-def own_kv(w: Weights, config: ModelConfig, x: jax.Array, rope: Rope) -> tuple[jax.Array, jax.Array]:
-    """A plain layer's keys (RoPE'd) and values [B, T, K, h] from its own input x."""
-    k = head_norm(project(x, w["k_proj"], w.get("k_bias")), w.get("k_norm"), config)
-    return apply_rope(k, rope), project(x, w["v_proj"], w.get("v_bias"))
+def own_qkv(w: Weights, config: ModelConfig, x: jax.Array, rope: Rope
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A plain layer's RoPE'd queries [B, T, H, h], RoPE'd keys and values [B, T, K, h] from its own
+    input x (the three projections as one call where the weights are int8)."""
+    q, k, v = linears(x, [w["q_proj"], w["k_proj"], w["v_proj"]])
+    q = apply_rope(head_norm(add_bias(q, w.get("q_bias")), w.get("q_norm"), config), rope)
+    k = apply_rope(head_norm(add_bias(k, w.get("k_bias")), w.get("k_norm"), config), rope)
+    return q, k, add_bias(v, w.get("v_bias"))
 
 
 def finish_layer(w: Weights, config: ModelConfig, h: jax.Array, q: jax.Array, kv: KVView,
@@ -117,9 +132,8 @@ def decoder_layer(w: Weights, config: ModelConfig, h: jax.Array, q_pos: jax.Arra
 
     Jitted so that a model's layers, all of one shape, are traced and lowered once instead of
     once per layer (start-up: ~2x less tracing); XLA inlines the call, nothing changes at run time."""
-    x = attention_input(w, config, h)
-    q = queries(w, config, x, rope)
-    state = kv.write(state, *own_kv(w, config, x, rope))
+    q, k, v = own_qkv(w, config, attention_input(w, config, h), rope)
+    state = kv.write(state, k, v)
     return finish_layer(w, config, h, q, kv.read(state), q_pos), state
 
 
