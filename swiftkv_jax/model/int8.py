@@ -9,9 +9,10 @@ which of their axes are the inputs, is declared in params.SCHEMA (`quant_in`).
 
 `matmul` picks its implementation per platform at lowering, like the attention kernels: on CPU the
 native kernel (kernels/int8_matmul.cc) for the few rows of a decode step, and for prefill chunks
-XLA's dot on a float copy the same library converts on every thread (XLA's own conversion ran on
-one: a 1000-token prefill took 1.25x float32's); elsewhere XLA's dot on the weight converted and
-scaled in the same program (on GPU/TPU XLA fuses the conversion into the dot's operand).
+XLA's dot on a float copy the same library makes just before it (XLA's own conversion was hoisted
+to the program's start for every layer at once: a 1000-token prefill took 1.25x float32's);
+elsewhere XLA's dot on the weight converted and scaled in the same program (on GPU/TPU XLA fuses
+the conversion into the dot's operand).
 """
 
 from __future__ import annotations
@@ -84,10 +85,8 @@ def quantise(w: jax.Array, quant_in: Sequence[int], block: int) -> Int8Weight:
 def dequantise(q: Int8Weight, quant_in: Sequence[int], dtype=F32) -> jax.Array:
     """The float weight in our layout (the inverse of `quantise` up to its rounding)."""
     w = _float_values(q, dtype)
-    n_out = w.ndim - len(quant_in)
-    out_axes = [i for i in range(w.ndim) if i not in quant_in]
-    order = out_axes + list(quant_in)  # our axis order[j] sits at position j of w
-    return jnp.transpose(w, [order.index(i) for i in range(w.ndim)]) if n_out else w
+    order = [i for i in range(w.ndim) if i not in quant_in] + list(quant_in)  # our axis order[j] is w's j
+    return jnp.transpose(w, [order.index(i) for i in range(w.ndim)])
 
 
 def _float_values(q: Int8Weight, dtype) -> jax.Array:
@@ -108,8 +107,8 @@ def matmuls(x: jax.Array, ws: Sequence[Int8Weight], out_dtype=None) -> list[jax.
     x2 = x.reshape(-1, k)
     flat = [(w.values.reshape(-1, k), w.scales.reshape(math.prod(w.out_shape), -1)) for w in ws]
 
-    def dot(x2: jax.Array, v2: jax.Array, s2: jax.Array, dequantise=None) -> jax.Array:
-        wf = dequantise(v2, s2) if dequantise else _float_values(Int8Weight(v2, s2, 1), x.dtype)
+    def dot(x2: jax.Array, v2: jax.Array, s2: jax.Array, convert=None) -> jax.Array:
+        wf = convert(v2, s2) if convert else _float_values(Int8Weight(v2, s2, 1), x.dtype)
         return jax.lax.dot_general(x2, wf, (((1,), (1,)), ((), ())), preferred_element_type=F32)
 
     def xla(x2: jax.Array, *pairs: jax.Array) -> list[jax.Array]:
