@@ -109,6 +109,17 @@ def qwen2_model(tmp_path_factory):
     return folder, make_hf_llama(folder, **TINY_CONFIGS["qwen2_gqa_tied"])
 
 
+def built_kernel(name: str | None) -> str:
+    """`name`, a CPU kernel's custom-call name from kernels.cpu.*_target(). Skips only where the
+    kernels cannot exist (no C++ compiler, or SWIFTKV_JAX_CPU_KERNELS=off); with a compiler here a
+    kernel that did not build fails the test instead of skipping it."""
+    from swiftkv_jax.kernels import cpu as cpu_kernels
+    if cpu_kernels._compiler() is None or not cpu_kernels.kernels_enabled():
+        pytest.skip("no C++ compiler, or CPU kernels switched off: the kernels are not built here")
+    assert name is not None, "a C++ compiler is here but the kernel did not build (see its warning)"
+    return name
+
+
 def rel_err(ours, ref) -> float:
     """max |ours - ref| / max |ref|."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import built_kernel
 from jax import export
 
 import swiftkv_jax as sk
@@ -81,8 +82,7 @@ def test_every_program_lowers_for_tpu_and_cuda_without_cpu_custom_calls(dtype, i
 
 
 def test_the_cpu_kernel_is_chosen_when_lowering_for_the_cpu():
-    if cpu_kernels.paged_attention_target() is None:
-        pytest.skip("the CPU kernel is not available here (no compiler, or switched off)")
+    built_kernel(cpu_kernels.paged_attention_target())
     fn, args, static = programs(jnp.float32)["engine decode, 1 step"]
     allow = [export.DisabledSafetyCheck.custom_call(cpu_kernels.PAGED_ATTENTION_TARGET)]
     on_cpu = export.export(fn, platforms=("cpu",), disabled_checks=allow)(*args, **static).mlir_module()
@@ -93,8 +93,7 @@ def test_the_cpu_kernel_is_chosen_when_lowering_for_the_cpu():
 def test_int8_weights_take_the_cpu_kernel_at_decode_and_xla_elsewhere():
     """Lowered for the CPU, an int8 model's decode step calls the int8 matmul kernel; lowered for
     TPU it does not (export also checks that every custom call in a TPU module is one TPU knows)."""
-    if cpu_kernels.int8_matmul_target() is None:
-        pytest.skip("the CPU kernel is not available here (no compiler, or switched off)")
+    built_kernel(cpu_kernels.int8_matmul_target())
     progs = programs(jnp.float32, int8=True)
     allow = [export.DisabledSafetyCheck.custom_call(t) for t in
              (cpu_kernels.PAGED_ATTENTION_TARGET, cpu_kernels.INT8_MATMUL_TARGET)]

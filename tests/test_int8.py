@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from conftest import TINY_CONFIGS, hf_greedy, hf_logits, make_hf_llama, prompts, rel_err
+from conftest import TINY_CONFIGS, built_kernel, hf_greedy, hf_logits, make_hf_llama, prompts, rel_err
 
 import swiftkv_jax as sk
 from swiftkv_jax.config import ConfigError
@@ -40,10 +40,7 @@ KERNEL_CASES = [
 
 @pytest.fixture(scope="module")
 def target():
-    name = cpu_kernels.int8_matmul_target()
-    if name is None:
-        pytest.skip("no C++ compiler: the int8 kernel is not built here")
-    return name
+    return built_kernel(cpu_kernels.int8_matmul_target())
 
 
 @pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
