@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -143,3 +144,22 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 def prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+
+
+def penalised_greedy(hf, prompt: list[int], n: int, *, frequency=0.0, presence=0.0, repetition=1.0,
+                     bias: dict[int, float] | None = None) -> list[int]:
+    """OpenAI's / vLLM's formulas in NumPy over transformers' logits, greedy: logit_bias added, then
+    repetition (prompt and output tokens: positive logits divided, negative multiplied), then
+    frequency * count and presence * (count > 0) of the output tokens subtracted."""
+    out: list[int] = []
+    for _ in range(n):
+        with torch.no_grad():
+            x = hf(torch.tensor([prompt + out])).logits[0, -1].double().numpy().copy()
+        for t, b in (bias or {}).items():
+            x[t] += b
+        for t in set(prompt) | set(out):
+            x[t] = x[t] / repetition if x[t] > 0 else x[t] * repetition
+        for t, c in Counter(out).items():
+            x[t] -= frequency * c + presence
+        out.append(int(np.argmax(x)))
+    return out

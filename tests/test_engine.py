@@ -14,7 +14,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import hf_greedy, prompts, rel_err
+import torch
+from conftest import hf_greedy, penalised_greedy, prompts, rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -244,10 +245,42 @@ def test_no_recompilation_after_warmup(plain):
         handles = [engine.submit(p, SamplingOptions(
             max_tokens=n, temperature=float(rng.choice([0.0, 0.8, 1.5])), top_k=int(rng.integers(0, 50)),
             top_p=float(rng.uniform(0.5, 1.0)), seed=int(rng.integers(1 << 30)),
-            stop_ids=tuple(rng.integers(3, 160, int(rng.integers(0, 4))).tolist())))
+            stop_ids=tuple(rng.integers(3, 160, int(rng.integers(0, 4))).tolist()),
+            presence_penalty=float(rng.choice([0.0, 0.5])), frequency_penalty=float(rng.uniform(-1, 1)),
+            repetition_penalty=float(rng.choice([1.0, 1.3])), min_tokens=int(rng.integers(0, n + 1)),
+            logit_bias={int(t): float(rng.uniform(-5, 5)) for t in rng.integers(0, 160, rng.integers(0, 4))},
+            logprobs=[None, 0, 3][int(rng.integers(0, 3))]))
             for p, n in work]
         [h.result() for h in handles]
     assert compilations() == before
+
+
+def test_one_requests_penalties_and_logprobs_never_touch_another(gqa_model, plain):
+    """Penalised and plain requests decoded together (mixed steps and decode loops): the plain
+    ones answer as alone; the penalised ones as a NumPy loop of the formulas over transformers'
+    logits; each asked-for logprob is transformers' log_softmax at its position."""
+    _, hf = gqa_model
+    engine = Engine(plain, **GEOMETRY)
+    work = prompts(160, [9, 30, 14, 21], seed=12)
+    rules = [dict(frequency_penalty=1.0, presence_penalty=0.5), {}, dict(repetition_penalty=2.0,
+             logit_bias={5: 3.0}), {}]
+    handles = [engine.submit(p, SamplingOptions(max_tokens=12, stop_ids=(), logprobs=2 if r else None, **r))
+               for p, r in zip(work, rules)]
+    for p, r, h in zip(work, rules, handles):
+        got = h.result()
+        if not r:
+            assert got == alone(plain, p, 12) and h.logprobs == []
+            continue
+        assert got == penalised_greedy(hf, p, 12, frequency=r.get("frequency_penalty", 0.0),
+                                       presence=r.get("presence_penalty", 0.0),
+                                       repetition=r.get("repetition_penalty", 1.0), bias=r.get("logit_bias"))
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([p + got])).logits[0].double(), -1).numpy()
+        np.testing.assert_allclose([lp.logprob for lp in h.logprobs],
+                                   [ref[len(p) - 1 + j, t] for j, t in enumerate(got)], atol=2e-4)
+        assert [[t for t, _ in lp.top] for lp in h.logprobs] == [
+            np.argsort(-ref[len(p) - 1 + j])[:2].tolist() for j in range(len(got))]
+    assert_all_returned(engine)
 
 
 def test_pool_pressure_makes_requests_wait_and_a_request_that_never_fits_is_refused(plain):

@@ -184,7 +184,7 @@ BAD_REQUESTS = [  # (body, status, param)
     (dict(top_p=1.5), 400, "top_p"),
     (dict(prompt=[3, 4, 100000]), 400, "prompt"),
     (dict(prompt="the " * 600), 400, "max_tokens"),
-    (dict(n=2), 400, "n"),
+    (dict(n=0), 400, "n"),
     (dict(max_tokens="many"), 400, "max_tokens"),
     (dict(model="no-such-model"), 404, "model"),
 ]

@@ -42,6 +42,7 @@ from .prefix_cache import stats as index_stats
 from .request import FinishReason, GenerateError, SamplingOptions, check_prompt, check_room
 from .runner import JITTED, Runner, StepResult
 from .scheduler import Phase, Scheduler, Sequence, StepPlan
+from .scoring import prompt_logprobs
 from .shapes import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_DECODE_STEPS,
@@ -110,7 +111,7 @@ class Engine:
         self._stopping = False
         self._counters = collections.Counter()
         self._finished: collections.deque[RequestHandle] = collections.deque(maxlen=2048)
-        self._index_stats: dict[str, Any] | None = None  # the last prefix-index figures read
+        self._index_stats = index_stats(self.cache.index)  # the last prefix-index figures read
 
     @property
     def cache(self) -> KVCache:
@@ -224,6 +225,7 @@ class Engine:
         """Ends cancelled requests, admits waiting ones, plans the step and starts it on the
         device (not waiting for it); prompt positions advance at once. None: nothing to do."""
         self._end_cancelled()
+        self._score_waiting()
         if not self._scheduler.has_work():
             return None
         try:
@@ -264,7 +266,12 @@ class Engine:
         """Hands row `i`'s new tokens to the request (ending it if it is done); returns how many."""
         tokens = result.tokens(i)
         seq.tokens.extend(tokens)
-        seq.handle.deliver(tokens)
+        wanted, logprobs = seq.options.logprobs, None
+        if wanted is not None:
+            logprobs = result.logprobs(i, wanted)
+            if result.stopped(i):  # the stop id's logprob, as vLLM lists it (lm-eval reads it)
+                seq.handle.stop_logprob = (result.stop_id(i), logprobs.pop())
+        seq.handle.deliver(tokens, logprobs=logprobs)
         if result.done(i):
             self._end(seq, FinishReason.STOP if result.stopped(i) else FinishReason.LENGTH)
         return len(tokens)
@@ -279,6 +286,24 @@ class Engine:
         seq.handle.deliver([], reason, error)
         self._finished.append(seq.handle)
         self._counters[f"finished_{reason.value}"] += 1
+
+    def _score_waiting(self) -> None:
+        """Prompt logprobs for the waiting requests that asked for them (scoring.py: a forward
+        pass over each prompt, before its admission); a request with max_tokens 0 ends there."""
+        with self._scheduler.lock:
+            todo = [s for s in self._scheduler.waiting
+                    if s.options.prompt_logprobs is not None and s.handle.prompt_logprobs is None]
+        for seq in todo:
+            try:
+                seq.handle.prompt_logprobs = prompt_logprobs(self.params, seq.prompt,
+                                                             seq.options.prompt_logprobs)
+            except Exception as err:  # noqa: BLE001 -- this request fails, no other
+                log.exception("scoring a prompt failed")
+                self._end(seq, FinishReason.ERROR, f"{type(err).__name__}: {err}")
+                continue
+            self._counters["scored_tokens"] += len(seq.prompt)
+            if seq.options.max_tokens == 0:
+                self._end(seq, FinishReason.LENGTH)
 
     def _end_cancelled(self) -> None:
         with self._scheduler.lock:
@@ -306,10 +331,8 @@ class Engine:
         STATS_WAIT_S (a metrics scrape must not time out), the prefix-index figures are the last
         ones read and the rest is read as it stands."""
         got = self._step_lock.acquire(timeout=STATS_WAIT_S)
-        if not got and self._index_stats is None:  # nothing read yet: wait this once
-            got = self._step_lock.acquire()
         try:
-            if got or self._index_stats is None:
+            if got:
                 self._index_stats = index_stats(self.cache.index)
             index = self._index_stats
             active = self._scheduler.active()

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import AsyncIterator, Iterator, Protocol
 
-from .request import FinishReason
+from .request import FinishReason, TokenLogprob
 
 __all__ = ["Driver", "FinishReason", "RequestError", "RequestHandle"]
 
@@ -43,6 +43,9 @@ class RequestHandle:
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
         self.cached_tokens = 0  # prompt tokens taken from the prefix cache
+        self.logprobs: list[TokenLogprob] = []  # one per token, when the request asked for logprobs
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # when it asked for them
+        self.stop_logprob: tuple[int, TokenLogprob] | None = None  # the stop id it drew (not a token)
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.token_times: list[float] = []  # perf_counter() when each token was delivered
@@ -137,12 +140,14 @@ class RequestHandle:
     # -- the engine's side -----------------------------------------------------------------------
 
     def deliver(self, tokens: list[int], finish: FinishReason | None = None,
-                 error: str | None = None) -> None:
-        """Appends new tokens and, if given, ends the request; wakes every reader."""
+                 error: str | None = None, logprobs: list[TokenLogprob] | None = None) -> None:
+        """Appends new tokens (and their logprobs, before a reader can see the tokens) and, if
+        given, ends the request; wakes every reader."""
         now = time.perf_counter()
         with self._cond:
             if tokens and self.first_token_at is None:
                 self.first_token_at = now
+            self.logprobs.extend(logprobs or ())
             self.tokens.extend(tokens)
             self.token_times.extend([now] * len(tokens))
             if finish is not None and not self.done:

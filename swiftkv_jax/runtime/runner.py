@@ -28,7 +28,9 @@ import numpy as np
 from ..model.forward import forward_packed
 from ..model.params import Params
 from .cache import KVCache, init_cache
+from .logits import MAX_LOGPROBS, History, Logprobs, apply_rules, logprobs_of
 from .prefix_cache import admit, publish, register
+from .request import TokenLogprob
 from .sampling import sample
 from .scheduler import Sequence as Request
 from .scheduler import StepPlan
@@ -36,6 +38,7 @@ from .shapes import row_bucket
 from .slots import Admission, SlotState, empty_slots, insert
 from .steps import (
     DecodeState,
+    RowRules,
     advance,
     decode_loop,
     decode_start,
@@ -46,8 +49,10 @@ from .steps import (
     token_keys,
 )
 
-# Columns of a step's result row after its `out_len` tokens: tokens emitted, done, stopped at a stop id.
-EMITTED, DONE, STOPPED = -3, -2, -1
+# Columns of a step's result row after its `out_len` tokens: tokens emitted, done, stopped at a stop id;
+# then the tokens' log-probabilities (float32 bits): out_len drawn, out_len x K top ids, out_len x K top.
+EMITTED, DONE, STOPPED = 0, 1, 2
+FLAGS = 3
 
 
 def _record(state: SlotState, slots: jax.Array, before: SlotState, counts: jax.Array,
@@ -68,10 +73,22 @@ def _record(state: SlotState, slots: jax.Array, before: SlotState, counts: jax.A
                              jnp.where(stopped, counts, before.max_tokens), mode="drop"))
 
 
-def _packed(out: jax.Array, emitted: jax.Array, done: jax.Array, stopped: jax.Array) -> jax.Array:
-    """[R, n + 3] int32: the tokens, then EMITTED, DONE, STOPPED (one transfer to the host)."""
+def _history(rows: SlotState) -> History:
+    """What the penalties count for rows before a step: their prompt and produced tokens."""
+    b = rows.counts.shape[0]
+    return History(rows.tokens, rows.prompt_len, rows.counts, jnp.zeros((b, 1), jnp.int32),
+                   jnp.zeros((b,), jnp.int32))
+
+
+def _packed(out: jax.Array, emitted: jax.Array, done: jax.Array, stopped: jax.Array,
+            logprobs: Logprobs) -> jax.Array:
+    """[R, n + 3 + n(1 + 2K)] int32: the tokens, EMITTED, DONE, STOPPED, then the logprobs as
+    float32 bits (one transfer to the host)."""
+    r = out.shape[0]
+    bits = lambda x: jax.lax.bitcast_convert_type(x.reshape(r, -1), jnp.int32)
     flags = jnp.stack([emitted, done.astype(jnp.int32), stopped.astype(jnp.int32)], axis=1)
-    return jnp.concatenate([out, flags], axis=1)
+    return jnp.concatenate([out, flags, bits(logprobs.token), logprobs.top_ids.reshape(r, -1),
+                            bits(logprobs.top)], axis=1)
 
 
 def _publish_rows(cache: KVCache, state: SlotState, slots: jax.Array, namespace: jax.Array):
@@ -117,9 +134,9 @@ def mixed_program(params: Params, cache: KVCache, state: SlotState, rows: jax.Ar
     decoding = (~done).astype(jnp.int32)
     logits, cache = forward_packed(params, cache, [(chunk_slots, chunk, num_new),
                                                    (decode_slots, d.last[:, None], decoding)])
-    keys = jnp.concatenate([c.keys, d.keys])
-    sampling = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), c.sampling, d.sampling)
-    tok = sample(logits, token_keys(keys, jnp.concatenate([c.counts, d.counts])), sampling)
+    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), c, d)
+    drawn_from = apply_rules(logits, both.rules, _history(both), both.stop_ids)
+    tok = sample(drawn_from, token_keys(both.keys, both.counts), both.sampling)
     c_len, d_len = cache.rows(chunk_slots).lengths, cache.rows(decode_slots).lengths
     complete = (num_new > 0) & (c_len >= c.prompt_len)
     no_stop = jnp.zeros_like(complete)
@@ -133,7 +150,8 @@ def mixed_program(params: Params, cache: KVCache, state: SlotState, rows: jax.Ar
     out = jnp.concatenate([first.out, nxt.out])
     emitted = jnp.concatenate([first.counts - c.counts, nxt.counts - d.counts])
     return (_packed(out, emitted, jnp.concatenate([first.done, nxt.done]),
-                    jnp.concatenate([first.stopped, nxt.stopped])), cache, state)
+                    jnp.concatenate([first.stopped, nxt.stopped]),
+                    logprobs_of(logits, tok, both.rules.logprobs)), cache, state)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache", "state"), static_argnames=("out_len",))
@@ -144,14 +162,16 @@ def decode_program(params: Params, cache: KVCache, state: SlotState, rows: jax.A
     Returns the packed results [R, out_len + 3], the cache, the state."""
     slots, steps = rows[:-1], rows[-1]
     s = state.rows(slots)
+    rules = RowRules(s.rules, _history(s))
     if out_len == 1:
-        end: DecodeState = decode_step(params, slots, s.max_tokens, s.sampling, s.keys, s.stop_ids,
-                                       decode_start(cache, slots, s.last, s.counts, s.max_tokens, 1))
+        end: DecodeState = decode_step(params, slots, s.max_tokens, s.sampling, s.keys, s.stop_ids, rules,
+                                       decode_start(cache, slots, s.last, s.counts, s.max_tokens, 1, True))
     else:
         end = decode_loop(params, cache, slots, s.last, s.counts, s.max_tokens, s.sampling, s.keys,
-                          s.stop_ids, steps, out_len)
+                          s.stop_ids, steps, out_len, rules)
     state = _record(state, slots, s, end.counts, end.token, end.out, end.stopped)
-    return _packed(end.out, end.counts - s.counts, end.done, end.stopped), end.cache, state
+    return (_packed(end.out, end.counts - s.counts, end.done, end.stopped, end.logprobs), end.cache,
+            state)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -169,23 +189,46 @@ JITTED = (admit_program, mixed_program, decode_program, free_program)
 
 @dataclasses.dataclass
 class StepResult:
-    """A step's results on the host: per row, its tokens and flags (see `_packed`)."""
+    """A step's results on the host: per row, its tokens, flags and logprobs (see `_packed`)."""
 
-    rows: np.ndarray  # [rows, n + 3] int32
+    rows: np.ndarray  # [rows, n + 3 + n(1 + 2K)] int32
 
     @classmethod
     def fetch(cls, out: jax.Array) -> "StepResult":
         """A launched step's results (waits for the step)."""
         return cls(to_host(out))
 
+    @property
+    def _n(self) -> int:
+        return (self.rows.shape[1] - FLAGS) // (2 + 2 * MAX_LOGPROBS)
+
+    def _flag(self, i: int, which: int) -> int:
+        return int(self.rows[i, self._n + which])
+
     def tokens(self, i: int) -> list[int]:
-        return self.rows[i, :self.rows[i, EMITTED]].tolist()
+        return self.rows[i, :self._flag(i, EMITTED)].tolist()
 
     def done(self, i: int) -> bool:
-        return bool(self.rows[i, DONE])
+        return bool(self._flag(i, DONE))
 
     def stopped(self, i: int) -> bool:
-        return bool(self.rows[i, STOPPED])
+        return bool(self._flag(i, STOPPED))
+
+    def logprobs(self, i: int, alternatives: int) -> list[TokenLogprob]:
+        """Row `i`'s new tokens' log-probabilities, each with its `alternatives` most likely tokens
+        (and, after them, the stop id's where the row stopped at one)."""
+        n, k = self._n, MAX_LOGPROBS
+        row = self.rows[i, n + FLAGS:]
+        token = row[:n].view(np.float32)
+        ids = row[n:n + n * k].reshape(n, k)
+        top = row[n + n * k:].view(np.float32).reshape(n, k)
+        return [TokenLogprob(float(token[j]), tuple(zip(ids[j, :alternatives].tolist(),
+                                                        top[j, :alternatives].tolist())))
+                for j in range(self._flag(i, EMITTED) + self.stopped(i))]
+
+    def stop_id(self, i: int) -> int:
+        """The stop id row `i` drew (where it stopped at one; it is not among its tokens)."""
+        return int(self.rows[i, self._flag(i, EMITTED)])
 
 
 class Runner:
@@ -208,12 +251,7 @@ class Runner:
         hits = []
         for seq in seqs:
             new = Admission.padded(1, self.max_length, seq.slot)
-            new.prompts[0, :len(seq.prompt)] = seq.prompt
-            o = seq.options
-            new.prompt_len[0], new.blocks[0], new.max_tokens[0] = len(seq.prompt), seq.blocks, o.max_tokens
-            new.stop_ids[0] = o.stop_row()
-            new.temperature[0], new.top_k[0], new.top_p[0], new.seeds[0] = (o.temperature, o.top_k,
-                                                                             o.top_p, o.seed)
+            new.fill(0, seq.slot, seq.prompt, seq.blocks, seq.options)
             self.cache, self.state, hit = admit_program(self.cache, self.state, new, self.namespace)
             hits.append(hit)
         hits = [int(h[0]) for h in jax.device_get(hits)]

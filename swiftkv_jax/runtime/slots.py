@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .request import MAX_STOP_IDS
+from .logits import MAX_LOGIT_BIAS, NO_TOKEN, LogitRules
+from .request import MAX_STOP_IDS, SamplingOptions
 from .sampling import SamplingParams
 from .steps import seed_keys
 
@@ -31,6 +32,7 @@ class SlotState:
     stop_ids:   [S, MAX_STOP_IDS] -1 padded
     sampling:   per-slot temperature / top_k / top_p
     keys:       [S, 2] uint32, each request's PRNG key (token i draws with fold_in(key, i))
+    rules:      per-slot penalties, logit_bias, min_tokens, logprobs wanted (logits.py)
     """
 
     tokens: jax.Array
@@ -41,11 +43,12 @@ class SlotState:
     stop_ids: jax.Array
     sampling: SamplingParams
     keys: jax.Array
+    rules: LogitRules
 
     def rows(self, slots: jax.Array) -> "SlotState":
         """The state of rows `slots` [R]; an id past the last slot (padding) reads as a free slot."""
         take = lambda x: jnp.take(x, slots, axis=0, mode="fill", fill_value=0)
-        return jax.tree.map(take, self)
+        return jax.tree.map(take, self.replace(rules=None)).replace(rules=self.rules.rows(slots))
 
     def set_rows(self, slots: jax.Array, rows: "SlotState") -> "SlotState":
         """This state with rows `slots` [R] replaced by `rows` (padding ids are dropped)."""
@@ -60,7 +63,7 @@ def empty_slots(max_slots: int, max_length: int) -> SlotState:
                      stop_ids=jnp.full((max_slots, MAX_STOP_IDS), -1, jnp.int32),
                      sampling=SamplingParams.make(jnp.zeros(max_slots), zeros(max_slots),
                                                   jnp.ones(max_slots)),
-                     keys=jnp.zeros((max_slots, 2), jnp.uint32))
+                     keys=jnp.zeros((max_slots, 2), jnp.uint32), rules=LogitRules.none(max_slots))
 
 
 @struct.dataclass
@@ -78,6 +81,13 @@ class Admission:
     top_k: np.ndarray        # [R] int32
     top_p: np.ndarray        # [R] float32
     seeds: np.ndarray        # [R] uint32
+    presence: np.ndarray     # [R] float32 (the LogitRules fields, logits.py)
+    frequency: np.ndarray    # [R] float32
+    repetition: np.ndarray   # [R] float32
+    min_tokens: np.ndarray   # [R] int32
+    bias_ids: np.ndarray     # [R, MAX_LOGIT_BIAS] int32
+    bias: np.ndarray         # [R, MAX_LOGIT_BIAS] float32
+    logprobs: np.ndarray     # [R] int32
 
     @classmethod
     def padded(cls, rows: int, max_length: int, pad_slot: int) -> "Admission":
@@ -87,7 +97,22 @@ class Admission:
                    prompt_len=i32(rows), blocks=i32(rows), max_tokens=i32(rows),
                    stop_ids=np.full((rows, MAX_STOP_IDS), -1, np.int32),
                    temperature=np.zeros(rows, np.float32), top_k=i32(rows),
-                   top_p=np.ones(rows, np.float32), seeds=np.zeros(rows, np.uint32))
+                   top_p=np.ones(rows, np.float32), seeds=np.zeros(rows, np.uint32),
+                   presence=np.zeros(rows, np.float32), frequency=np.zeros(rows, np.float32),
+                   repetition=np.ones(rows, np.float32), min_tokens=i32(rows),
+                   bias_ids=np.full((rows, MAX_LOGIT_BIAS), NO_TOKEN, np.int32),
+                   bias=np.zeros((rows, MAX_LOGIT_BIAS), np.float32), logprobs=np.full(rows, -1, np.int32))
+
+    def fill(self, row: int, slot: int, prompt: np.ndarray, blocks: int, o: SamplingOptions) -> None:
+        """Writes one request (checked options `o`) into row `row`."""
+        self.slots[row], self.prompt_len[row], self.blocks[row] = slot, len(prompt), blocks
+        self.prompts[row, :len(prompt)] = prompt
+        self.max_tokens[row], self.stop_ids[row], self.seeds[row] = o.max_tokens, o.stop_row(), o.seed
+        self.temperature[row], self.top_k[row], self.top_p[row] = o.temperature, o.top_k, o.top_p
+        self.presence[row], self.frequency[row] = o.presence_penalty, o.frequency_penalty
+        self.repetition[row], self.min_tokens[row] = o.repetition_penalty, o.min_tokens
+        self.bias_ids[row], self.bias[row] = o.bias_rows()
+        self.logprobs[row] = -1 if o.logprobs is None else o.logprobs
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -98,5 +123,8 @@ def insert(state: SlotState, new: Admission) -> SlotState:
                      counts=jnp.zeros_like(a.prompt_len), max_tokens=a.max_tokens,
                      stop_ids=a.stop_ids,
                      sampling=SamplingParams.make(a.temperature, a.top_k, a.top_p),
-                     keys=seed_keys(a.seeds, jnp.zeros_like(a.prompt_len)))  # as generate()'s row 0
+                     keys=seed_keys(a.seeds, jnp.zeros_like(a.prompt_len)),  # as generate()'s row 0
+                     rules=LogitRules(presence=a.presence, frequency=a.frequency, repetition=a.repetition,
+                                      min_tokens=a.min_tokens, bias_ids=a.bias_ids, bias=a.bias,
+                                      logprobs=a.logprobs))
     return state.set_rows(a.slots, rows)

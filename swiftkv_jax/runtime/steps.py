@@ -24,6 +24,7 @@ import numpy as np
 from ..model.forward import forward_packed
 from ..model.params import Params
 from .cache import KVCache
+from .logits import History, LogitRules, Logprobs, apply_rules, logprobs_of
 from .prefix_cache import weights_namespace
 from .sampling import SamplingParams, sample
 
@@ -68,6 +69,7 @@ class DecodeState:
     stopped: [R] rows that stopped at a stop id (which is not output)
     out:     [R, out_len] the tokens produced in this call, 0 after a row's end
     cache:   the KV cache, threaded through every step
+    logprobs: the log-probabilities of `out` (with RowRules; None without)
     """
 
     step: jax.Array
@@ -77,6 +79,23 @@ class DecodeState:
     stopped: jax.Array
     out: jax.Array
     cache: KVCache
+    logprobs: Logprobs | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowRules:
+    """The engine's per-request rules for a decode (logits.py): penalties, logit_bias,
+    min_tokens, logprobs, and each row's tokens before the call (`history`, which the loop
+    extends with what it produces). generate() decodes without them."""
+
+    rules: LogitRules
+    history: History
+
+    def apply(self, logits: jax.Array, s: DecodeState, stop_ids: jax.Array) -> jax.Array:
+        """The logits the draw uses at loop state `s`."""
+        recent = dataclasses.replace(self.history, recent=s.out, recent_len=s.counts - self.history.produced)
+        return apply_rules(logits, self.rules, recent, stop_ids)
 
 
 @jax.tree_util.register_dataclass
@@ -84,7 +103,8 @@ class DecodeState:
 class DecodeResult:
     """What one decode call gives back to the host, per decoded row."""
 
-    out: jax.Array      # [R, out_len] new tokens, the first `counts - counts_before` real
+    out: jax.Array      # [R, out_len] new tokens, the first `counts - counts_before` real (then the
+    #                     stop id where a row stopped at one)
     counts: jax.Array   # [R] tokens produced so far, after this call
     token: jax.Array    # [R] the last token (next call's input)
     done: jax.Array     # [R] the row has ended
@@ -93,34 +113,38 @@ class DecodeResult:
 
 
 def decode_start(cache: KVCache, slots: jax.Array, token: jax.Array, counts: jax.Array,
-                 max_tokens: jax.Array, out_len: int) -> DecodeState:
+                 max_tokens: jax.Array, out_len: int, with_logprobs: bool = False) -> DecodeState:
     """The decode loop's state before its first step (rows that cannot decode are done)."""
     return DecodeState(jnp.int32(0), token, counts, finished(cache.rows(slots), counts, max_tokens),
                        jnp.zeros(token.shape, bool), jnp.zeros(token.shape + (out_len,), jnp.int32),
-                       cache)
+                       cache, Logprobs.empty(token.shape[0], out_len) if with_logprobs else None)
 
 
 def decode_step(params: Params, slots: jax.Array, max_tokens: jax.Array, sampling: SamplingParams,
-                request_keys: jax.Array, stop_ids: jax.Array, s: DecodeState) -> DecodeState:
-    """One decode token for every row that is not done: forward, sample, stop checks."""
+                request_keys: jax.Array, stop_ids: jax.Array, rules: RowRules | None,
+                s: DecodeState) -> DecodeState:
+    """One decode token for every row that is not done: forward, rules, sample, stop checks."""
     logits, new = forward_packed(params, s.cache, [(slots, s.token[:, None], (~s.done).astype(jnp.int32))])
-    tok = sample(logits, token_keys(request_keys, s.counts), sampling)
+    drawn_from = logits if rules is None else rules.apply(logits, s, stop_ids)
+    tok = sample(drawn_from, token_keys(request_keys, s.counts), sampling)
     r = advance(s.done, tok, s.token, s.counts, s.stopped, stop_ids, max_tokens,
                  new.rows(slots).lengths, new.max_length)
+    logprobs = s.logprobs if rules is None else s.logprobs.at(
+        s.step, logprobs_of(logits, tok, rules.rules.logprobs))
     return DecodeState(s.step + 1, r.token, r.counts, r.done, r.stopped,
-                       s.out.at[:, s.step].set(r.out[:, 0]), new)
+                       s.out.at[:, s.step].set(r.out[:, 0]), new, logprobs)
 
 
 def decode_loop(params: Params, cache: KVCache, slots: jax.Array, token: jax.Array,
                 counts: jax.Array, max_tokens: jax.Array, sampling: SamplingParams,
-                request_keys: jax.Array, stop_ids: jax.Array, steps: jax.Array, out_len: int
-                ) -> DecodeState:
+                request_keys: jax.Array, stop_ids: jax.Array, steps: jax.Array, out_len: int,
+                rules: RowRules | None = None) -> DecodeState:
     """Up to `steps` (<= out_len) decode steps in one lax.while_loop that ends early when every
     row is done (see `decode`); returns the loop's final state."""
     steps = jnp.minimum(steps, out_len)
-    step = functools.partial(decode_step, params, slots, max_tokens, sampling, request_keys, stop_ids)
-    return jax.lax.while_loop(lambda s: (s.step < steps) & ~jnp.all(s.done), step,
-                              decode_start(cache, slots, token, counts, max_tokens, out_len))
+    step = functools.partial(decode_step, params, slots, max_tokens, sampling, request_keys, stop_ids, rules)
+    start = decode_start(cache, slots, token, counts, max_tokens, out_len, rules is not None)
+    return jax.lax.while_loop(lambda s: (s.step < steps) & ~jnp.all(s.done), step, start)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",), static_argnames=("out_len",))
@@ -151,13 +175,14 @@ def finished(rows: KVCache, counts: jax.Array, max_tokens: jax.Array) -> jax.Arr
 def advance(done: jax.Array, tok: jax.Array, last: jax.Array, counts: jax.Array,
              stopped: jax.Array, stop_ids: jax.Array, max_tokens: jax.Array, lengths: jax.Array,
              capacity: int) -> DecodeResult:
-    """The rows after one decode step sampled `tok` [R]: a stop id ends a row and is not output;
-    otherwise the token is emitted, and the row ends at its token budget or a full cache row."""
+    """The rows after one decode step sampled `tok` [R]: a stop id ends a row and is not output
+    (it is in `out`, past the emitted tokens, for the host's logprobs); otherwise the token is
+    emitted, and the row ends at its token budget or a full cache row."""
     stop = ~done & jnp.any(tok[:, None] == stop_ids, axis=1)
     emit = ~done & ~stop
     counts = counts + emit
     done = done | stop | (counts >= max_tokens) | (lengths >= capacity)
-    return DecodeResult(jnp.where(emit, tok, 0)[:, None], counts, jnp.where(emit, tok, last), done,
+    return DecodeResult(jnp.where(emit | stop, tok, 0)[:, None], counts, jnp.where(emit, tok, last), done,
                         stopped | stop, lengths)
 
 

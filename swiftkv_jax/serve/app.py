@@ -9,6 +9,7 @@ disturbs the requests that are running.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import time
@@ -25,6 +26,7 @@ from ..runtime.engine import Engine
 from ..text.tokenization import encode_text, has_chat_template, render_chat
 from .generation import Generation, Piece, merged, submit_all
 from .limits import MAX_BODY_BYTES, MAX_QUEUE
+from .logprobs import CompletionLogprobs, TokenTexts, chat_logprobs
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
@@ -175,46 +177,94 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
+    texts = TokenTexts(tokenizer)
+
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         admit(body)
-        prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in body.prompts()]
-        opts = [body.options(max_tokens_for(body.max_tokens, len(ids)), config) for ids in prompts]
-        gens = submit_all(engine, tokenizer, metrics, prompts, opts, body.stop_strings())
+        given = body.prompts()
+        prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in given]
+        out_lp, prompt_lp = body.engine_logprobs()
+        per = body.choices()
+        opts = [body.options(max_tokens_for(body.max_tokens, len(ids)), config, copy=j, logprobs=out_lp,
+                             prompt_logprobs=prompt_lp) for ids in prompts for j in range(per)]
+        gens = submit_all(engine, tokenizer, metrics, [ids for ids in prompts for _ in range(per)], opts,
+                          body.stop_strings())
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
+        echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in given] if body.echo else None
+        def choice_logprobs(g: Generation, first: bool, ids: list[int], lps: list) -> dict | None:
+            """The logprobs of these tokens, after the prompt's (echo) on a choice's first chunk."""
+            if body.logprobs is None:
+                return None
+            if first:
+                logs[g.index] = CompletionLogprobs(names)
+            log = logs[g.index]
+            mark = len(log.tokens)
+            if first and body.echo:
+                log.add(g.prompt_ids, g.handle.prompt_logprobs or [None] * len(g.prompt_ids))
+            log.add(ids, lps)
+            return log.body(mark)
+
+        logs: dict[int, CompletionLogprobs] = {}
+        names = TokenTexts.as_ids if body.return_tokens_as_token_ids else texts
         if body.stream:
             def chunk(p: Piece) -> dict:
-                return {"choices": [{"index": p.index, "text": p.text, "finish_reason": p.finish_reason,
-                                     "logprobs": None}]}
+                first = p.index not in logs and p.index not in echoed
+                echoed.add(p.index)
+                prefix = echoes[p.index // per] if body.echo and first else ""
+                lp = choice_logprobs(gens[p.index], first, p.token_ids, p.logprobs)
+                return {"choices": [{"index": p.index, "text": prefix + p.text,
+                                     "finish_reason": p.finish_reason, "logprobs": lp}]}
+            echoed: set[int] = set()
             return _sse(head, gens, chunk, body.include_usage(), opening=None)
-        texts = await _collect(request, gens)
-        return JSONResponse({**head, "choices": [
-            {"index": g.index, "text": t, "finish_reason": g.finish_reason, "logprobs": None}
-            for g, t in zip(gens, texts)], "usage": _usage(gens)})
+        got = await _collect(request, gens)
+        choices = []
+        for g, text in zip(gens, got):
+            prefix = echoes[g.index // per] if body.echo else ""
+            lp = choice_logprobs(g, True, *g.output_logprobs())
+            choices.append({"index": g.index, "text": prefix + text, "finish_reason": g.finish_reason,
+                            "logprobs": lp})
+        if per > body.n:  # best_of: each prompt's n most likely candidates (cumulative logprob)
+            ranked = []
+            for i in range(len(prompts)):
+                group = sorted(range(i * per, (i + 1) * per), key=lambda c: -gens[c].cumulative_logprob())
+                ranked += [{**choices[c], "index": i * body.n + r} for r, c in enumerate(group[:body.n])]
+            choices = ranked
+        return JSONResponse({**head, "choices": choices, "usage": _usage(gens)})
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         admit(body)
         ids = chat_ids(body.chat())
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        options = body.options(max_tokens_for(asked, len(ids), "messages"), config)
-        gens = submit_all(engine, tokenizer, metrics, [ids], [options], body.stop_strings())
+        max_tokens = max_tokens_for(asked, len(ids), "messages")
+        options = [body.options(max_tokens, config, copy=j, logprobs=body.engine_logprobs())
+                   for j in range(body.n)]
+        gens = submit_all(engine, tokenizer, metrics, [ids] * body.n, options, body.stop_strings())
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": model_name}
+
+        names = TokenTexts.as_ids if body.return_tokens_as_token_ids else texts
+
+        def logprobs_of(ids: list[int], lps: list) -> dict | None:
+            return {"content": chat_logprobs(names, ids, lps)} if body.logprobs else None
+
         if body.stream:
             def chunk(p: Piece) -> dict:
-                delta = {} if p.finish_reason else {"content": p.text}
+                delta = {} if p.finish_reason and not p.text else {"content": p.text}
                 return {"choices": [{"index": p.index, "delta": delta, "finish_reason": p.finish_reason,
-                                     "logprobs": None}]}
-            opening = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                    "finish_reason": None, "logprobs": None}]}
+                                     "logprobs": logprobs_of(p.token_ids, p.logprobs)}]}
+            opening = {"choices": [{"index": g.index, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None, "logprobs": None} for g in gens]}
             return _sse({**head, "object": "chat.completion.chunk"}, gens, chunk, body.include_usage(),
                         opening)
-        (text,) = await _collect(request, gens)
+        got = await _collect(request, gens)
         return JSONResponse({**head, "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": text},
-            "finish_reason": gens[0].finish_reason, "logprobs": None}], "usage": _usage(gens)})
+            "index": g.index, "message": {"role": "assistant", "content": text},
+            "finish_reason": g.finish_reason,
+            "logprobs": logprobs_of(*g.output_logprobs())}
+            for g, text in zip(gens, got)], "usage": _usage(gens)})
 
     return app
 
@@ -263,8 +313,9 @@ def _sse(head: dict, gens: list[Generation], chunk: Callable[[Piece], dict], inc
             if opening is not None:
                 yield event({**head, **opening, **usage_field})
             async for piece in merged(gens):
-                if piece.text:  # the finish reason goes in a chunk of its own, as OpenAI's does
-                    yield event({**head, **chunk(Piece(piece.index, piece.text)), **usage_field})
+                if piece.text or piece.token_ids:  # the finish reason goes in a chunk of its own (OpenAI's)
+                    text = dataclasses.replace(piece, finish_reason=None)
+                    yield event({**head, **chunk(text), **usage_field})
                 if piece.finish_reason is not None:
                     yield event({**head, **chunk(Piece(piece.index, "", piece.finish_reason)), **usage_field})
             if include_usage:

@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Sequence
 
 from ..runtime.engine import Engine
 from ..runtime.handle import RequestHandle
-from ..runtime.request import FinishReason, GenerateError, SamplingOptions
+from ..runtime.request import FinishReason, GenerateError, SamplingOptions, TokenLogprob
 from ..text.detokenizer import IncrementalDetokenizer, StopStrings
 from .metrics import Metrics
 from .protocol import APIError, api_param
@@ -25,11 +25,14 @@ OPENAI_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
 
 @dataclasses.dataclass
 class Piece:
-    """Text made since the last piece, for choice `index`; `finish_reason` on its last piece."""
+    """Text made since the last piece, for choice `index`; `finish_reason` on its last piece;
+    the tokens consumed since the last piece and (when the request asked) their logprobs."""
 
     index: int
     text: str
     finish_reason: str | None = None
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
 
 
 class Generation:
@@ -39,6 +42,7 @@ class Generation:
                  prompt_ids: list[int], options: SamplingOptions, stop_strings: Sequence[str]):
         self.index = index
         self.prompt_ids = prompt_ids
+        self.options = options
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self._detok = IncrementalDetokenizer(tokenizer)
@@ -53,29 +57,53 @@ class Generation:
     def cached_tokens(self) -> int:
         return self.handle.cached_tokens
 
+    def _consumed(self, start: int, last: bool = False) -> tuple[list[int], list[TokenLogprob]]:
+        """The tokens read since token `start` and, when the request has them, their logprobs;
+        on the `last` piece of an answer that ended at a stop id, that id too (as vLLM lists it:
+        it is no text, but lm-eval reads the entry after an echoed prompt)."""
+        h, end = self.handle, self.completion_tokens
+        if self.options.logprobs is None:
+            return h.tokens[start:end], []
+        ids, logprobs = h.tokens[start:end], h.logprobs[start:end]
+        if last and h.stop_logprob is not None and self.finish_reason == "stop" and not self._stops.hit:
+            ids, logprobs = ids + [h.stop_logprob[0]], logprobs + [h.stop_logprob[1]]
+        return ids, logprobs
+
+    def output_logprobs(self) -> tuple[list[int], list[TokenLogprob]]:
+        """The whole answer's tokens and logprobs (after it ended), as its pieces listed them."""
+        return self._consumed(0, last=True)
+
     async def pieces(self) -> AsyncIterator[Piece]:
-        """The answer as it is made; the last piece carries the finish reason."""
+        """The answer as it is made; the last piece carries the finish reason. Stop strings count
+        only once min_tokens tokens are out (as the stop ids)."""
+        sent = 0
         try:
             async for token in self.handle:
                 self.completion_tokens += 1
-                text = self._stops.push(self._detok.add([token]))
+                armed = self.completion_tokens > self.options.min_tokens
+                text = self._stops.push(self._detok.add([token]), armed)
                 if self._stops.hit:
                     self.handle.cancel()
                     self.finish_reason = "stop"
-                    yield Piece(self.index, text, "stop")
+                    yield Piece(self.index, text, "stop", *self._consumed(sent))
                     return
                 if text:
-                    yield Piece(self.index, text)
+                    yield Piece(self.index, text, None, *self._consumed(sent))
+                    sent = self.completion_tokens
             reason = self.handle.finish_reason
             if reason is FinishReason.ERROR:
                 raise APIError(500, f"the engine failed while running this request: {self.handle.error}")
             text = self._stops.push(self._detok.flush())
             self.finish_reason = "stop" if self._stops.hit else OPENAI_REASONS[reason]
-            yield Piece(self.index, text + self._stops.flush(), self.finish_reason)
+            yield Piece(self.index, text + self._stops.flush(), self.finish_reason, *self._consumed(sent, True))
         finally:
             if not self.handle.done:
                 self.handle.cancel()  # the reader left (a dropped client): free the slot
             self._metrics.observe(self.handle, self.finish_reason or "abort", self.completion_tokens)
+
+    def cumulative_logprob(self) -> float:
+        """The sum of the output tokens' logprobs (best_of ranks candidates by it)."""
+        return sum(lp.logprob for lp in self.handle.logprobs[:self.completion_tokens])
 
 
 def submit_all(engine: Engine, tokenizer: Any, metrics: Metrics, prompts: list[list[int]],

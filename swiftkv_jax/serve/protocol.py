@@ -1,9 +1,9 @@
 """The OpenAI API's request bodies and error body, and their translation to engine requests.
 
 Field names and defaults follow OpenAI's API reference (temperature and top_p default to 1;
-completions' max_tokens to 16), with vLLM's common extensions top_k, ignore_eos and
-stop_token_ids. A value the engine cannot honour is an APIError (HTTP 400 with OpenAI's error
-body) that says what to change, never silently ignored.
+completions' max_tokens to 16), with vLLM's common extensions top_k, min_tokens,
+repetition_penalty, ignore_eos and stop_token_ids. A value the engine cannot honour is an
+APIError (HTTP 400 with OpenAI's error body) that says what to change, never silently ignored.
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict
 
 from ..config import ModelConfig
+from ..runtime.logits import MAX_LOGPROBS
 from ..runtime.request import GenerateError, SamplingOptions
+
+MAX_CHOICES = 16  # n (and best_of) per prompt: each choice is a request of its own in the engine
 
 # SamplingOptions fields (GenerateError.param) whose OpenAI request field has another name
 API_FIELDS = {"stop_ids": "stop_token_ids"}
@@ -62,7 +65,10 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
     logit_bias: dict[str, float] | None = None
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:<id>"
     user: str | None = None
 
     def stop_strings(self) -> list[str]:
@@ -71,27 +77,39 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def choices(self) -> int:
+        """How many candidates each prompt runs (n; completions' best_of may ask for more)."""
+        return self.n
+
     def check_supported(self) -> None:
         """APIError for what this server does not do (rather than ignoring it)."""
-        if self.n != 1:
-            raise APIError(400, f"n={self.n} is not supported: this server returns one choice per "
-                           "prompt; send n separate requests (with different seeds)", "n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise APIError(400, f"{name} is not supported; leave it out or send 0", name)
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported; leave it out", "logit_bias")
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise APIError(400, f"n must be in [1, {MAX_CHOICES}], got {self.n}", "n")
 
-    def options(self, max_tokens: int, config: ModelConfig) -> SamplingOptions:
-        """The engine's SamplingOptions for this body, checked by the engine's own rules
+    def token_bias(self) -> dict[int, float]:
+        """logit_bias with its keys (token ids sent as strings, as JSON needs) as ints."""
+        try:
+            return {int(t): float(b) for t, b in (self.logit_bias or {}).items()}
+        except ValueError as err:
+            raise APIError(400, "logit_bias keys must be token ids (e.g. {\"50256\": -100}); use "
+                                "POST /tokenize to find a word's ids", "logit_bias") from err
+
+    def options(self, max_tokens: int, config: ModelConfig, *, copy: int = 0, logprobs: int | None = None,
+                prompt_logprobs: int | None = None) -> SamplingOptions:
+        """The engine's SamplingOptions for this body (choice number `copy` of a prompt: its seed is
+        seed + copy, so n seeded choices differ and repeat), checked by the engine's own rules
         (SamplingOptions.checked): a value it refuses is an APIError naming the OpenAI field."""
         extra = tuple(self.stop_token_ids or ())
         stop_ids = tuple(dict.fromkeys(extra + (() if self.ignore_eos else tuple(config.eos_token_ids))))
         top_k = 0 if self.top_k == -1 else (self.top_k or 0)  # vLLM: -1 is off
-        options = SamplingOptions(max_tokens=max_tokens,
-                                  temperature=1.0 if self.temperature is None else self.temperature,
-                                  top_k=top_k, top_p=1.0 if self.top_p is None else self.top_p,
-                                  seed=self.seed, stop_ids=stop_ids)
+        seed = None if self.seed is None else (self.seed + copy) % (1 << 32)
+        options = SamplingOptions(
+            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+            top_k=top_k, top_p=1.0 if self.top_p is None else self.top_p, seed=seed, stop_ids=stop_ids,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self.token_bias(), min_tokens=self.min_tokens, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs)
         try:
             return options.checked(config)
         except GenerateError as err:
@@ -108,12 +126,33 @@ class CompletionRequest(_Sampling):
     best_of: int | None = None
     suffix: str | None = None
 
+    def choices(self) -> int:
+        return max(self.n, self.best_of or 1)
+
     def check_supported(self) -> None:
         super().check_supported()
-        for name, bad in (("echo", self.echo), ("logprobs", self.logprobs is not None),
-                          ("best_of", (self.best_of or 1) != 1), ("suffix", self.suffix)):
-            if bad:
-                raise APIError(400, f"{name} is not supported by this server; leave it out", name)
+        if self.suffix:
+            raise APIError(400, "suffix is not supported by this server; leave it out", "suffix")
+        if self.best_of is not None and not self.n <= self.best_of <= MAX_CHOICES:
+            raise APIError(400, f"best_of must be in [n={self.n}, {MAX_CHOICES}], got {self.best_of}",
+                           "best_of")
+        if self.stream and self.choices() > self.n:
+            raise APIError(400, "best_of > n cannot be streamed (the best are known only at the end); "
+                                "send stream: false", "best_of")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens 0 is only useful with echo: true (to score the prompt); "
+                                "ask for at least 1 token", "max_tokens")
+
+    def engine_logprobs(self) -> tuple[int | None, int | None]:
+        """(logprobs, prompt_logprobs) to ask the engine for: the output tokens' when the client
+        asks or best_of must rank candidates; the prompt's with echo (max_tokens 0 needs them)."""
+        out = self.logprobs if self.logprobs is not None else (0 if self.choices() > self.n else None)
+        prompt = self.logprobs if self.echo and self.logprobs is not None else None
+        if self.max_tokens == 0 and prompt is None:
+            prompt = 0
+        return out, prompt
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """Each prompt of the request, text or ids."""
@@ -166,13 +205,20 @@ class ChatCompletionRequest(_Sampling):
         super().check_supported()
         if not self.messages:
             raise APIError(400, "messages is empty: send at least one message", "messages")
-        if self.logprobs or self.top_logprobs:
-            raise APIError(400, "logprobs are not supported by this server; leave them out", "logprobs")
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
+                               "top_logprobs")
         if self.tools:
             raise APIError(400, "tools are not supported by this server; leave them out", "tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise APIError(400, "only response_format {\"type\": \"text\"} is supported",
                            "response_format")
+
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat(self) -> list[dict[str, str]]:
         """The messages as the chat template takes them ("developer" is OpenAI's new "system")."""

@@ -58,11 +58,15 @@ class StopStrings:
         self._pending = ""
         self.hit = False
 
-    def push(self, text: str) -> str:
-        """Text to send; once a stop string is seen, the text before it and `hit` is True."""
+    def push(self, text: str, armed: bool = True) -> str:
+        """Text to send; once a stop string is seen, the text before it and `hit` is True.
+        Text pushed while not `armed` (before min_tokens) is sent as it is, never cut."""
         if self.hit:
             return ""
         self._pending += text
+        if not armed:
+            out, self._pending = self._pending, ""
+            return out
         cut = min((i for i in (self._pending.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             self.hit = True
