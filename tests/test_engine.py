@@ -283,6 +283,51 @@ def test_one_requests_penalties_and_logprobs_never_touch_another(gqa_model, plai
     assert_all_returned(engine)
 
 
+class ToyGrammar:
+    """A Constraint (runtime/constraint.py) that allows only the tokens of sets[i] at token i and is
+    complete after the last set; it records what it was given."""
+
+    def __init__(self, sets: list[list[int]], vocab: int):
+        self.sets, self.vocab, self.given = sets, vocab, []
+
+    def allowed(self) -> np.ndarray:
+        bits = np.zeros(-(-self.vocab // 32) * 32, np.uint8)
+        bits[self.sets[len(self.given)]] = 1
+        return np.packbits(bits, bitorder="little").view(np.int32)
+
+    def accept(self, token: int) -> None:
+        assert token in self.sets[len(self.given)], (token, self.sets[len(self.given)])
+        self.given.append(token)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.given) == len(self.sets)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_constrained_requests_draw_only_allowed_tokens_and_never_touch_others(plain, background):
+    """Grammar-constrained rows (one token per step, the host's mask before each) beside plain
+    ones that keep their multi-token decode loops: each constrained token is in its allowed set
+    and the request ends when its grammar is complete; the plain ones answer as alone."""
+    rng = np.random.default_rng(21)
+    engine = Engine(plain, **GEOMETRY)
+    engine.start() if background else None
+    work = prompts(160, [7, 26, 12, 19], seed=22)
+    grammars = [ToyGrammar([sorted(rng.choice(160, 3, replace=False).tolist()) for _ in range(6)], 160)
+                if i % 2 == 0 else None for i in range(4)]
+    handles = [engine.submit(p, SamplingOptions(max_tokens=20, stop_ids=(), temperature=1.0 if g else 0.0,
+                                                seed=i), constraint=g)
+               for i, (p, g) in enumerate(zip(work, grammars))]
+    for p, g, h in zip(work, grammars, handles):
+        got = h.result(timeout=300)
+        if g is None:
+            assert got == alone(plain, p, 20)
+        else:
+            assert got == g.given and len(got) == 6 and h.finish_reason is FinishReason.STOP
+    engine.stop()
+    assert_all_returned(engine)
+
+
 def test_pool_pressure_makes_requests_wait_and_a_request_that_never_fits_is_refused(plain):
     engine = Engine(plain, **{**GEOMETRY, "num_blocks": 12})  # one full row: two 5-block requests
     work = [(p, 10) for p in prompts(160, [30, 28, 33, 25, 31, 29], seed=8)]

@@ -15,9 +15,11 @@ from jax import export
 import swiftkv_jax as sk
 from swiftkv_jax.kernels import cpu as cpu_kernels
 from swiftkv_jax.runtime import prefix_cache
+from swiftkv_jax.runtime.logits import mask_words
 from swiftkv_jax.runtime.runner import admit_program, decode_program, free_program, mixed_program
 from swiftkv_jax.runtime.sampling import SamplingParams
-from swiftkv_jax.runtime.slots import Admission, empty_slots, insert
+from swiftkv_jax.runtime.scoring import prompt_logprobs_program
+from swiftkv_jax.runtime.slots import Admission, empty_slots, insert, set_masks
 from swiftkv_jax.runtime.steps import decode, first_tokens, namespace_of, prefill
 
 # A SwiftKV model (L = 2 of 4, g = 2), so plain layers, SwiftKV layers and group K/V all lower.
@@ -37,10 +39,10 @@ def programs(dtype, int8: bool = False) -> dict[str, tuple]:
     params = sk.init_params(CFG, jax.random.PRNGKey(0), dtype)
     params = params.quantize("int8", block=16) if int8 else params
     cache = sk.init_cache(params, SLOTS, LENGTH, block_size=BLOCK)
-    state = empty_slots(SLOTS, LENGTH)
+    state = empty_slots(SLOTS, LENGTH, CFG.vocab_size)
     ns = namespace_of(params.weights)
     rows = jnp.arange(SLOTS, dtype=jnp.int32)
-    new = jax.tree.map(jnp.asarray, Admission.padded(1, LENGTH, SLOTS))
+    new = jax.tree.map(jnp.asarray, Admission.padded(1, LENGTH, SLOTS, CFG.vocab_size))
     greedy = SamplingParams.make(jnp.zeros(SLOTS), jnp.zeros(SLOTS, jnp.int32), jnp.ones(SLOTS))
     keys = jnp.zeros((SLOTS, 2), jnp.uint32)
     stops = jnp.full((SLOTS, 8), -1, jnp.int32)
@@ -59,6 +61,10 @@ def programs(dtype, int8: bool = False) -> dict[str, tuple]:
                               dict(chunk_rows=1, width=16)),
         "engine admission": (admit_program, (cache, state, new, ns), {}),
         "engine insert": (insert, (state, new), {}),
+        "engine grammar masks": (set_masks, (state, rows, jnp.zeros((SLOTS, mask_words(CFG.vocab_size)),
+                                                                     jnp.int32)), {}),
+        "prompt logprobs": (prompt_logprobs_program, (params, jnp.zeros((1, 16), jnp.int32),
+                                                      jnp.asarray([16], jnp.int32)), dict(alternatives=True)),
         "engine free": (free_program, (cache, state, rows[:1], rows[:1], ns), {}),
         "prefix admit": (prefix_cache.admit, (cache.index, table, tokens, rows, rows, ns), {}),
         "prefix publish": (prefix_cache.publish, (cache.index, table, tokens, rows, ns), {}),
@@ -110,7 +116,7 @@ def test_decode_attention_lowers_to_each_platforms_kernel():
                          num_kv_heads=1, head_dim=128)
     params = sk.init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
     cache = sk.init_cache(params, SLOTS, LENGTH, block_size=BLOCK)
-    args = (params, cache, empty_slots(SLOTS, LENGTH), jnp.arange(SLOTS + 1))
+    args = (params, cache, empty_slots(SLOTS, LENGTH, cfg.vocab_size), jnp.arange(SLOTS + 1))
     allow = [export.DisabledSafetyCheck.custom_call(TRITON)]
     tpu = export.export(decode_program, platforms=("tpu",))(*args, out_len=1).mlir_module()
     cuda = export.export(decode_program, platforms=("cuda",), disabled_checks=allow)(

@@ -46,7 +46,7 @@ def test_decode_and_prefill_of_some_rows_never_copy_the_pool(rows):
 def test_the_engines_mixed_and_decode_programs_never_copy_the_pool():
     params = sk.init_params(CFG, jax.random.PRNGKey(0))
     cache = sk.init_cache(params, 8, 192)
-    state = empty_slots(8, cache.max_length)
+    state = empty_slots(8, cache.max_length, params.config.vocab_size)
     rows = jnp.arange(1 + 1 + 8, dtype=jnp.int32)  # one chunk row, its token count, 8 decode rows
     step = mixed_program.lower(params, cache, state, rows, namespace_of(params.weights), chunk_rows=1,
                                width=16).compile().as_text()

@@ -32,3 +32,22 @@ def make_tokenizer(folder: Path | None = None, vocab_size: int = 160):
     if folder is not None:
         fast.save_pretrained(folder)
     return fast
+
+
+def make_byte_tokenizer(folder: Path | None = None):
+    """A byte-level tokenizer (ids 0-2 special, <|im_end|> = 2 the eos; ids 3-258 one byte each, no
+    merges): any text is expressible, so grammar-constrained JSON can be drawn by a tiny model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(special + sorted(ByteLevel.alphabet(), key=lambda c: ord(c)))}
+    tok = Tokenizer(models.BPE(vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="<|im_end|>")
+    if folder is not None:
+        fast.save_pretrained(folder)
+    return fast

@@ -37,6 +37,7 @@ import numpy as np
 from ..model.paged_cache import blocks_needed
 from ..model.params import Params
 from .cache import DEFAULT_BLOCK_SIZE, KVCache
+from .constraint import Constraint
 from .handle import RequestHandle
 from .prefix_cache import stats as index_stats
 from .request import FinishReason, GenerateError, SamplingOptions, check_prompt, check_room
@@ -112,6 +113,7 @@ class Engine:
         self._counters = collections.Counter()
         self._finished: collections.deque[RequestHandle] = collections.deque(maxlen=2048)
         self._index_stats = index_stats(self.cache.index)  # the last prefix-index figures read
+        self._masks: dict[int, np.ndarray] = {}  # constrained slots' next masks, sent before the next step
 
     @property
     def cache(self) -> KVCache:
@@ -124,9 +126,12 @@ class Engine:
 
     # -- submitting --------------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: Seq[int], sampling: SamplingOptions | None = None) -> RequestHandle:
+    def submit(self, prompt_ids: Seq[int], sampling: SamplingOptions | None = None,
+               constraint: Constraint | None = None) -> RequestHandle:
         """Queues a request and returns its handle at once. Raises GenerateError, and queues
-        nothing, for a bad prompt or options, or a request that could never fit this engine."""
+        nothing, for a bad prompt or options, or a request that could never fit this engine.
+        With a `constraint` (structured output, runtime/constraint.py) every token it draws is
+        one the grammar allows, and it ends when the grammar is complete."""
         if self._stopping:
             raise GenerateError("the engine is stopped; make a new Engine to submit more requests")
         cfg = self.params.config
@@ -141,7 +146,8 @@ class Engine:
                 f"the request needs {blocks} KV blocks but the engine's pool has "
                 f"{self.cache.num_blocks}; give the Engine more num_blocks or pool_bytes", "max_tokens")
         handle = RequestHandle(self, next(self._ids), prompt)
-        self._scheduler.add(Sequence(handle, np.asarray(prompt, np.int32), options, blocks))
+        self._scheduler.add(Sequence(handle, np.asarray(prompt, np.int32), options, blocks,
+                                     constraint=constraint))
         self._wake.set()
         return handle
 
@@ -233,11 +239,16 @@ class Engine:
             if admitted:
                 for seq, hit in zip(admitted, self._runner.admit(admitted)):
                     seq.pos = seq.handle.cached_tokens = hit
+            if self._masks:
+                self._runner.set_masks(self._masks)
+                self._masks = {}
             plan = self._scheduler.plan()
             out = None if plan.empty else self._runner.launch(plan)
             for seq, n in plan.prefill:
                 self._scheduler.prefilled(seq, n)
                 self._counters["prefill_tokens"] += n
+            for seq in [s for s, _ in plan.prefill if s.prompt_left == 0] + list(plan.decode):
+                seq.held = seq.constraint is not None  # its next mask waits for this token
             self._counters["steps"] += 1
             return _Launched(plan, out, [seq.prompt_left == 0 for seq, _ in plan.prefill])
         except Exception as err:  # noqa: BLE001 -- the engine must outlive any one failure
@@ -274,7 +285,25 @@ class Engine:
         seq.handle.deliver(tokens, logprobs=logprobs)
         if result.done(i):
             self._end(seq, FinishReason.STOP if result.stopped(i) else FinishReason.LENGTH)
+        elif seq.constraint is not None:
+            self._constrain(seq, tokens)
         return len(tokens)
+
+    def _constrain(self, seq: Sequence, tokens: list[int]) -> None:
+        """Gives a constrained request's new tokens to its grammar, then queues its next mask
+        (or ends it where the grammar is complete)."""
+        try:
+            for token in tokens:
+                seq.constraint.accept(token)
+            if seq.constraint.finished:
+                self._end(seq, FinishReason.STOP)
+                return
+            self._masks[seq.slot] = seq.constraint.allowed()
+        except Exception as err:  # noqa: BLE001 -- a grammar's failure ends its request, no other
+            log.exception("a request's grammar failed")
+            self._end(seq, FinishReason.ERROR, f"{type(err).__name__}: {err}")
+            return
+        seq.held = False
 
     def _end(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
         """Ends a request: publishes what it wrote, releases its blocks, frees its slot."""
@@ -282,6 +311,7 @@ class Engine:
             return
         if seq.phase is not Phase.WAITING and not self._runner.lost:
             self._runner.free(seq)
+            self._masks.pop(seq.slot, None)  # never a stale mask for the slot's next request
         self._scheduler.remove(seq)
         seq.handle.deliver([], reason, error)
         self._finished.append(seq.handle)

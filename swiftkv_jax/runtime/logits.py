@@ -1,13 +1,16 @@
 """What a request asks of the logits besides sampling: OpenAI's penalties, logit_bias and
-min_tokens applied before the draw, and the log-probabilities it wants back.
+min_tokens applied before the draw, a grammar's allowed tokens (structured output), and the
+log-probabilities it wants back.
 
 All of it is per-row arrays on the device (`LogitRules`), written once when a request is admitted,
 so new values never recompile. The penalties need each row's token counts: they are counted from
 the row's own tokens (the prompt, then what it produced), which the engine keeps on the device
 anyway, and only in a step where some row has a penalty (`lax.cond`), so requests without one pay
 nothing. Order, as vLLM's sampler: min_tokens, logit_bias, then the repetition, frequency and
-presence penalties; log-probabilities are of the model's own distribution (the raw logits'
-log_softmax, before all of these and before temperature / top-k / top-p: vLLM's default).
+presence penalties; then a constrained row's grammar mask (a bitmask the host rewrites before
+each of the row's tokens, runtime/constraint.py), which has the last word. Log-probabilities are
+of the model's own distribution (the raw logits' log_softmax, before all of these and before
+temperature / top-k / top-p: vLLM's default).
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from flax import struct
 MAX_LOGPROBS = 20     # top alternatives a request may ask for per token (OpenAI's limit)
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (OpenAI's limit)
 NO_TOKEN = 2 ** 30    # padding id in bias_ids: out of every vocabulary, so its scatter is dropped
+
+
+def mask_words(vocab: int) -> int:
+    """int32 words of a token bitmask over `vocab` tokens (token t is bit t % 32 of word t // 32)."""
+    return (vocab + 31) // 32
 
 
 @struct.dataclass
@@ -38,16 +46,19 @@ class LogitRules:
     bias_ids: jax.Array    # [B, MAX_LOGIT_BIAS] int32
     bias: jax.Array        # [B, MAX_LOGIT_BIAS] float32
     logprobs: jax.Array    # [B] int32
+    constrained: jax.Array  # [B] bool
+    allowed: jax.Array     # [B, mask_words(V)] int32 bitmask
 
     @classmethod
-    def none(cls, batch: int) -> "LogitRules":
+    def none(cls, batch: int, vocab: int) -> "LogitRules":
         """B rows asking for nothing (every rule off)."""
         f32 = lambda v: jnp.full((batch,), v, jnp.float32)
         return cls(presence=f32(0.0), frequency=f32(0.0), repetition=f32(1.0),
                    min_tokens=jnp.zeros((batch,), jnp.int32),
                    bias_ids=jnp.full((batch, MAX_LOGIT_BIAS), NO_TOKEN, jnp.int32),
                    bias=jnp.zeros((batch, MAX_LOGIT_BIAS), jnp.float32),
-                   logprobs=jnp.full((batch,), -1, jnp.int32))
+                   logprobs=jnp.full((batch,), -1, jnp.int32), constrained=jnp.zeros((batch,), bool),
+                   allowed=jnp.zeros((batch, mask_words(vocab)), jnp.int32))
 
     def rows(self, index: jax.Array) -> "LogitRules":
         """The rules of rows `index` [R]; an id past the last row (padding) reads as a row asking
@@ -91,11 +102,12 @@ class History:
 def apply_rules(logits: jax.Array, rules: LogitRules, history: History, stop_ids: jax.Array
                 ) -> jax.Array:
     """The logits [B, V] a row's draw uses: stop ids masked before min_tokens, logit_bias added,
-    then the repetition, frequency and presence penalties (counted only when some row has one)."""
+    then the repetition, frequency and presence penalties (counted only when some row has one),
+    then a constrained row's grammar mask."""
     batch, vocab = logits.shape
     rows = jnp.arange(batch)[:, None]
     produced = history.produced + history.recent_len
-    early = (produced < rules.min_tokens)[:, None]
+    early = ((produced < rules.min_tokens) & ~rules.constrained)[:, None]
     stops = jnp.where(early & (stop_ids >= 0), stop_ids, NO_TOKEN)
     logits = logits.at[rows, stops].set(-jnp.inf, mode="drop")
     logits = logits.at[rows, rules.bias_ids].add(rules.bias, mode="drop")
@@ -106,8 +118,14 @@ def apply_rules(logits: jax.Array, rules: LogitRules, history: History, stop_ids
         x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
         return x - rules.frequency[:, None] * counts - rules.presence[:, None] * (counts > 0)
 
+    def grammar(x: jax.Array) -> jax.Array:
+        token = jnp.arange(vocab)
+        bit = (jnp.take(rules.allowed, token // 32, axis=1) >> (token % 32)) & 1
+        return jnp.where(rules.constrained[:, None] & (bit == 0), -jnp.inf, x)
+
     any_penalty = jnp.any((rules.presence != 0) | (rules.frequency != 0) | (rules.repetition != 1))
-    return jax.lax.cond(any_penalty, penalised, lambda x: x, logits)
+    logits = jax.lax.cond(any_penalty, penalised, lambda x: x, logits)
+    return jax.lax.cond(jnp.any(rules.constrained), grammar, lambda x: x, logits)
 
 
 @struct.dataclass

@@ -34,8 +34,8 @@ from .request import TokenLogprob
 from .sampling import sample
 from .scheduler import Sequence as Request
 from .scheduler import StepPlan
-from .shapes import row_bucket
-from .slots import Admission, SlotState, empty_slots, insert
+from .shapes import row_bucket, row_buckets
+from .slots import Admission, SlotState, empty_slots, insert, set_masks
 from .steps import (
     DecodeState,
     RowRules,
@@ -163,15 +163,17 @@ def decode_program(params: Params, cache: KVCache, state: SlotState, rows: jax.A
     slots, steps = rows[:-1], rows[-1]
     s = state.rows(slots)
     rules = RowRules(s.rules, _history(s))
+    # A constrained row takes one token per call (its next mask comes from the host).
+    budget = jnp.where(s.rules.constrained, jnp.minimum(s.max_tokens, s.counts + 1), s.max_tokens)
     if out_len == 1:
-        end: DecodeState = decode_step(params, slots, s.max_tokens, s.sampling, s.keys, s.stop_ids, rules,
-                                       decode_start(cache, slots, s.last, s.counts, s.max_tokens, 1, True))
+        end: DecodeState = decode_step(params, slots, budget, s.sampling, s.keys, s.stop_ids, rules,
+                                       decode_start(cache, slots, s.last, s.counts, budget, 1, True))
     else:
-        end = decode_loop(params, cache, slots, s.last, s.counts, s.max_tokens, s.sampling, s.keys,
+        end = decode_loop(params, cache, slots, s.last, s.counts, budget, s.sampling, s.keys,
                           s.stop_ids, steps, out_len, rules)
     state = _record(state, slots, s, end.counts, end.token, end.out, end.stopped)
-    return (_packed(end.out, end.counts - s.counts, end.done, end.stopped, end.logprobs), end.cache,
-            state)
+    done = end.stopped | finished(end.cache.rows(slots), end.counts, s.max_tokens)  # by the real budget
+    return (_packed(end.out, end.counts - s.counts, done, end.stopped, end.logprobs), end.cache, state)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -184,7 +186,7 @@ def free_program(cache: KVCache, state: SlotState, slots: jax.Array, blocks: jax
     return dataclasses.replace(cache, index=index)
 
 
-JITTED = (admit_program, mixed_program, decode_program, free_program)
+JITTED = (admit_program, mixed_program, decode_program, free_program, set_masks)
 
 
 @dataclasses.dataclass
@@ -240,7 +242,8 @@ class Runner:
         self._geometry = dict(batch_size=max_slots, max_length=max_length, **cache_geometry)
         self.cache: KVCache = init_cache(params, **self._geometry)
         self.max_length = self.cache.max_length
-        self.state = empty_slots(max_slots, self.max_length)
+        self.vocab_size = params.config.vocab_size
+        self.state = empty_slots(max_slots, self.max_length, self.vocab_size)
         self.namespace = namespace_of(params.weights)
         self._rows: dict[tuple[int, ...], jax.Array] = {}  # device copies of recent row arrays
 
@@ -250,8 +253,9 @@ class Runner:
         """Admits requests the scheduler gave slots: returns each one's cached prompt tokens."""
         hits = []
         for seq in seqs:
-            new = Admission.padded(1, self.max_length, seq.slot)
-            new.fill(0, seq.slot, seq.prompt, seq.blocks, seq.options)
+            new = Admission.padded(1, self.max_length, seq.slot, self.vocab_size)
+            new.fill(0, seq.slot, seq.prompt, seq.blocks, seq.options,
+                     None if seq.constraint is None else seq.constraint.allowed())
             self.cache, self.state, hit = admit_program(self.cache, self.state, new, self.namespace)
             hits.append(hit)
         hits = [int(h[0]) for h in jax.device_get(hits)]
@@ -289,6 +293,17 @@ class Runner:
                                                      self._device(ids), out_len=self.decode_steps)
         return out
 
+    def set_masks(self, masks: dict[int, np.ndarray], rows: int | None = None) -> None:
+        """Writes constrained slots' next grammar masks ({slot: [W] int32}) into the slot state
+        (`rows`: the padded row count, for warm-up; default its bucket)."""
+        rows = rows or row_bucket(len(masks), self.max_slots)
+        slots = np.full((rows,), self.max_slots, np.int32)
+        allowed = np.zeros((rows, self.state.rules.allowed.shape[1]), np.int32)
+        slots[:len(masks)] = list(masks)
+        if masks:
+            allowed[:len(masks)] = np.stack(list(masks.values()))
+        self.state = set_masks(self.state, jnp.asarray(slots), jnp.asarray(allowed))
+
     def free(self, seq: Request) -> None:
         """Publishes what an ending request wrote and releases its blocks."""
         ids = self._device(np.asarray([seq.slot, seq.blocks], np.int32))
@@ -314,7 +329,7 @@ class Runner:
     def reset(self) -> None:
         """A fresh cache and slot state (after a failure lost them)."""
         self.cache = init_cache(self.params, **self._geometry)
-        self.state = empty_slots(self.max_slots, self.max_length)
+        self.state = empty_slots(self.max_slots, self.max_length, self.vocab_size)
 
     def warm_mixed(self, chunk_rows: int, width: int) -> None:
         """Compiles the mixed program of one chunk shape, run on padding only (nothing changes)."""
@@ -329,8 +344,11 @@ class Runner:
 
     def warm_admission(self) -> None:
         """Compiles admission and free, run on padding only (the index's clock ticks once)."""
-        pad = Admission.padded(1, self.max_length, self.max_slots)
+        pad = Admission.padded(1, self.max_length, self.max_slots, self.vocab_size)
         self.cache, self.state, _ = admit_program(self.cache, self.state, pad, self.namespace)
         none = jnp.asarray([self.max_slots, 0], np.int32)
         self.cache = free_program(self.cache, self.state, none[:1], none[1:], self.namespace)
+        for rows in row_buckets(self.max_slots):
+            self.set_masks({}, rows)
+
 

@@ -46,6 +46,8 @@ class Sequence:
     slot: int = -1
     pos: int = 0               # prompt tokens with their K/V in the cache
     tokens: list[int] = dataclasses.field(default_factory=list)  # produced so far (output only)
+    constraint: Any = None     # a grammar (runtime/constraint.py): one token per step, mask first
+    held: bool = False         # a constrained request whose last token the host has not seen yet
 
     @property
     def prompt_left(self) -> int:
@@ -90,7 +92,8 @@ class Scheduler:
         return [s for s in self.slots if s is not None]
 
     def decoding(self) -> list[Sequence]:
-        return [s for s in self.slots if s is not None and s.phase is Phase.DECODE]
+        """Requests past their prefill that can take a token now (not `held`)."""
+        return [s for s in self.slots if s is not None and s.phase is Phase.DECODE and not s.held]
 
     def prefilling(self) -> list[Sequence]:
         return list(self._prefilling)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .logits import MAX_LOGIT_BIAS, NO_TOKEN, LogitRules
+from .logits import MAX_LOGIT_BIAS, NO_TOKEN, LogitRules, mask_words
 from .request import MAX_STOP_IDS, SamplingOptions
 from .sampling import SamplingParams
 from .steps import seed_keys
@@ -55,15 +55,15 @@ class SlotState:
         return jax.tree.map(lambda x, r: x.at[slots].set(r, mode="drop"), self, rows)
 
 
-def empty_slots(max_slots: int, max_length: int) -> SlotState:
-    """The state of `max_slots` free slots."""
+def empty_slots(max_slots: int, max_length: int, vocab_size: int) -> SlotState:
+    """The state of `max_slots` free slots (of a model with `vocab_size` tokens)."""
     zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
     return SlotState(tokens=zeros(max_slots, max_length), prompt_len=zeros(max_slots),
                      last=zeros(max_slots), counts=zeros(max_slots), max_tokens=zeros(max_slots),
                      stop_ids=jnp.full((max_slots, MAX_STOP_IDS), -1, jnp.int32),
                      sampling=SamplingParams.make(jnp.zeros(max_slots), zeros(max_slots),
                                                   jnp.ones(max_slots)),
-                     keys=jnp.zeros((max_slots, 2), jnp.uint32), rules=LogitRules.none(max_slots))
+                     keys=jnp.zeros((max_slots, 2), jnp.uint32), rules=LogitRules.none(max_slots, vocab_size))
 
 
 @struct.dataclass
@@ -88,9 +88,11 @@ class Admission:
     bias_ids: np.ndarray     # [R, MAX_LOGIT_BIAS] int32
     bias: np.ndarray         # [R, MAX_LOGIT_BIAS] float32
     logprobs: np.ndarray     # [R] int32
+    constrained: np.ndarray  # [R] bool
+    allowed: np.ndarray      # [R, mask_words(V)] int32: a constrained request's first token's mask
 
     @classmethod
-    def padded(cls, rows: int, max_length: int, pad_slot: int) -> "Admission":
+    def padded(cls, rows: int, max_length: int, pad_slot: int, vocab_size: int) -> "Admission":
         """`rows` empty rows (fill them in place, one request per row)."""
         i32 = lambda *shape: np.zeros(shape, np.int32)
         return cls(slots=np.full((rows,), pad_slot, np.int32), prompts=i32(rows, max_length),
@@ -101,10 +103,13 @@ class Admission:
                    presence=np.zeros(rows, np.float32), frequency=np.zeros(rows, np.float32),
                    repetition=np.ones(rows, np.float32), min_tokens=i32(rows),
                    bias_ids=np.full((rows, MAX_LOGIT_BIAS), NO_TOKEN, np.int32),
-                   bias=np.zeros((rows, MAX_LOGIT_BIAS), np.float32), logprobs=np.full(rows, -1, np.int32))
+                   bias=np.zeros((rows, MAX_LOGIT_BIAS), np.float32), logprobs=np.full(rows, -1, np.int32),
+                   constrained=np.zeros(rows, bool),
+                   allowed=np.zeros((rows, mask_words(vocab_size)), np.int32))
 
-    def fill(self, row: int, slot: int, prompt: np.ndarray, blocks: int, o: SamplingOptions) -> None:
-        """Writes one request (checked options `o`) into row `row`."""
+    def fill(self, row: int, slot: int, prompt: np.ndarray, blocks: int, o: SamplingOptions,
+             allowed: np.ndarray | None = None) -> None:
+        """Writes one request (checked options `o`; a constrained one's first mask) into row `row`."""
         self.slots[row], self.prompt_len[row], self.blocks[row] = slot, len(prompt), blocks
         self.prompts[row, :len(prompt)] = prompt
         self.max_tokens[row], self.stop_ids[row], self.seeds[row] = o.max_tokens, o.stop_row(), o.seed
@@ -113,6 +118,9 @@ class Admission:
         self.repetition[row], self.min_tokens[row] = o.repetition_penalty, o.min_tokens
         self.bias_ids[row], self.bias[row] = o.bias_rows()
         self.logprobs[row] = -1 if o.logprobs is None else o.logprobs
+        self.constrained[row] = allowed is not None
+        if allowed is not None:
+            self.allowed[row] = allowed
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -126,5 +134,12 @@ def insert(state: SlotState, new: Admission) -> SlotState:
                      keys=seed_keys(a.seeds, jnp.zeros_like(a.prompt_len)),  # as generate()'s row 0
                      rules=LogitRules(presence=a.presence, frequency=a.frequency, repetition=a.repetition,
                                       min_tokens=a.min_tokens, bias_ids=a.bias_ids, bias=a.bias,
-                                      logprobs=a.logprobs))
+                                      logprobs=a.logprobs, constrained=a.constrained, allowed=a.allowed))
     return state.set_rows(a.slots, rows)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def set_masks(state: SlotState, slots: jax.Array, allowed: jax.Array) -> SlotState:
+    """`state` with the grammar masks of slots `slots` [R] set to `allowed` [R, W] (padding ids dropped)."""
+    rules = state.rules
+    return state.replace(rules=rules.replace(allowed=rules.allowed.at[slots].set(allowed, mode="drop")))

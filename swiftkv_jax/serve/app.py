@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..runtime.engine import Engine
+from ..text.grammar import GrammarError, Grammars
 from ..text.tokenization import encode_text, has_chat_template, render_chat
 from .generation import Generation, Piece, merged, submit_all
 from .limits import MAX_BODY_BYTES, MAX_QUEUE
@@ -178,6 +179,19 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
         return {"prompt": tokenizer.decode(body.tokens)}
 
     texts = TokenTexts(tokenizer)
+    grammars = Grammars(tokenizer, config.vocab_size, config.eos_token_ids)
+
+    async def constraints_for(body: Any, count: int) -> list | None:
+        """One grammar matcher per choice for a body asking for structured output (else None);
+        built off the event loop (the first builds the tokenizer's trie, ~0.4 s)."""
+        asked = body.grammar()
+        if asked is None:
+            return None
+        name, grammar = asked
+        try:
+            return await asyncio.to_thread(lambda: [grammars.constraint(grammar) for _ in range(count)])
+        except GrammarError as err:
+            raise APIError(400, f"{name}: {err}", name) from err
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -188,8 +202,9 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
         per = body.choices()
         opts = [body.options(max_tokens_for(body.max_tokens, len(ids)), config, copy=j, logprobs=out_lp,
                              prompt_logprobs=prompt_lp) for ids in prompts for j in range(per)]
+        grammar = await constraints_for(body, len(opts))
         gens = submit_all(engine, tokenizer, metrics, [ids for ids in prompts for _ in range(per)], opts,
-                          body.stop_strings())
+                          body.stop_strings(), grammar)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
         echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in given] if body.echo else None
@@ -241,7 +256,8 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
         max_tokens = max_tokens_for(asked, len(ids), "messages")
         options = [body.options(max_tokens, config, copy=j, logprobs=body.engine_logprobs())
                    for j in range(body.n)]
-        gens = submit_all(engine, tokenizer, metrics, [ids] * body.n, options, body.stop_strings())
+        grammar = await constraints_for(body, body.n)
+        gens = submit_all(engine, tokenizer, metrics, [ids] * body.n, options, body.stop_strings(), grammar)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                 "created": int(time.time()), "model": model_name}
 

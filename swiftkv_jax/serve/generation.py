@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 from typing import Any, AsyncIterator, Sequence
 
+from ..runtime.constraint import Constraint
 from ..runtime.engine import Engine
 from ..runtime.handle import RequestHandle
 from ..runtime.request import FinishReason, GenerateError, SamplingOptions, TokenLogprob
@@ -39,7 +40,8 @@ class Generation:
     """One prompt in flight; iterate `pieces()` once."""
 
     def __init__(self, engine: Engine, tokenizer: Any, metrics: Metrics, index: int,
-                 prompt_ids: list[int], options: SamplingOptions, stop_strings: Sequence[str]):
+                 prompt_ids: list[int], options: SamplingOptions, stop_strings: Sequence[str],
+                 constraint: Constraint | None = None):
         self.index = index
         self.prompt_ids = prompt_ids
         self.options = options
@@ -49,7 +51,7 @@ class Generation:
         self._stops = StopStrings(stop_strings)
         self._metrics = metrics
         try:
-            self.handle: RequestHandle = engine.submit(prompt_ids, options)
+            self.handle: RequestHandle = engine.submit(prompt_ids, options, constraint)
         except GenerateError as err:
             raise APIError(400, str(err), api_param(err.param)) from err
 
@@ -95,7 +97,8 @@ class Generation:
                 raise APIError(500, f"the engine failed while running this request: {self.handle.error}")
             text = self._stops.push(self._detok.flush())
             self.finish_reason = "stop" if self._stops.hit else OPENAI_REASONS[reason]
-            yield Piece(self.index, text + self._stops.flush(), self.finish_reason, *self._consumed(sent, True))
+            yield Piece(self.index, text + self._stops.flush(), self.finish_reason,
+                        *self._consumed(sent, True))
         finally:
             if not self.handle.done:
                 self.handle.cancel()  # the reader left (a dropped client): free the slot
@@ -107,12 +110,14 @@ class Generation:
 
 
 def submit_all(engine: Engine, tokenizer: Any, metrics: Metrics, prompts: list[list[int]],
-               options: list[SamplingOptions], stop_strings: Sequence[str]) -> list[Generation]:
+               options: list[SamplingOptions], stop_strings: Sequence[str],
+               constraints: Sequence[Constraint | None] | None = None) -> list[Generation]:
     """Submits every prompt of one HTTP request, or none of them (an error cancels the rest)."""
     out: list[Generation] = []
+    constraints = constraints or [None] * len(prompts)
     try:
-        for i, (ids, opts) in enumerate(zip(prompts, options)):
-            out.append(Generation(engine, tokenizer, metrics, i, ids, opts, stop_strings))
+        for i, (ids, opts, grammar) in enumerate(zip(prompts, options, constraints)):
+            out.append(Generation(engine, tokenizer, metrics, i, ids, opts, stop_strings, grammar))
     except APIError:
         for g in out:
             g.handle.cancel()

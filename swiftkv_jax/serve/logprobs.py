@@ -60,7 +60,8 @@ class CompletionLogprobs:
                 "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}
 
 
-def chat_logprobs(texts: Callable[[int], str], ids: Sequence[int], logprobs: Sequence[TokenLogprob]) -> list[dict]:
+def chat_logprobs(texts: Callable[[int], str], ids: Sequence[int],
+                  logprobs: Sequence[TokenLogprob]) -> list[dict]:
     """The chat shape's `content` list for these tokens."""
     def entry(token: int, value: float) -> dict[str, Any]:
         text = texts(token)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from ..config import ModelConfig
 from ..runtime.logits import MAX_LOGPROBS
 from ..runtime.request import GenerateError, SamplingOptions
+from ..text.grammar import GrammarError, choice_grammar, json_schema_grammar, regex_grammar
 
 MAX_CHOICES = 16  # n (and best_of) per prompt: each choice is a request of its own in the engine
 
@@ -69,6 +70,10 @@ class _Sampling(BaseModel):
     min_tokens: int = 0
     logit_bias: dict[str, float] | None = None
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:<id>"
+    response_format: dict[str, Any] | None = None
+    guided_json: Union[dict[str, Any], str, None] = None  # vLLM's structured-output fields
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
     user: str | None = None
 
     def stop_strings(self) -> list[str]:
@@ -85,6 +90,38 @@ class _Sampling(BaseModel):
         """APIError for what this server does not do (rather than ignoring it)."""
         if not 1 <= self.n <= MAX_CHOICES:
             raise APIError(400, f"n must be in [1, {MAX_CHOICES}], got {self.n}", "n")
+
+    def grammar(self) -> tuple[str, str] | None:
+        """(the request field, its llguidance grammar) for the structured output this body asks
+        for (OpenAI's response_format, or vLLM's guided_json / guided_regex / guided_choice),
+        or None; APIError naming the field for one the grammar library refuses."""
+        asked = [(name, getattr(self, name)) for name in ("guided_json", "guided_regex", "guided_choice")
+                 if getattr(self, name) is not None]
+        fmt = self.response_format or {}
+        kind = fmt.get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise APIError(400, f"response_format type {kind!r} is not one of text, json_object, "
+                                "json_schema", "response_format")
+        if kind != "text":
+            schema: Any = {"type": "object"}
+            if kind == "json_schema":
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict) or "schema" not in spec:
+                    raise APIError(400, "response_format json_schema needs {\"json_schema\": {\"name\": "
+                                        "..., \"schema\": {...}}}", "response_format")
+                schema = spec["schema"]
+            asked.append(("response_format", schema))
+        if len(asked) > 1:
+            raise APIError(400, f"ask for one structured output, not {len(asked)}: "
+                                f"{', '.join(n for n, _ in asked)}", asked[1][0])
+        if not asked:
+            return None
+        name, value = asked[0]
+        make = {"guided_regex": regex_grammar, "guided_choice": choice_grammar}.get(name, json_schema_grammar)
+        try:
+            return name, make(value)
+        except (GrammarError, ValueError, TypeError) as err:
+            raise APIError(400, f"{name}: {err}", name) from err
 
     def token_bias(self) -> dict[int, float]:
         """logit_bias with its keys (token ids sent as strings, as JSON needs) as ints."""
@@ -199,7 +236,6 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -213,9 +249,6 @@ class ChatCompletionRequest(_Sampling):
                                "top_logprobs")
         if self.tools:
             raise APIError(400, "tools are not supported by this server; leave them out", "tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {\"type\": \"text\"} is supported",
-                           "response_format")
 
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
