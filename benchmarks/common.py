@@ -4,6 +4,7 @@ helpers, random prompts, and the ours/HF prefill and decode measurements, so no 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import statistics
 import time
@@ -30,6 +31,14 @@ _T0 = time.perf_counter()
 def log(msg: str) -> None:
     """Progress line with the seconds since start."""
     print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
+
+
+def save_results(out: Path, name: str, res: dict[str, Any], text: str) -> None:
+    """Writes a run's figures (`name`.json) and its table (`name`.md) into `out`, and prints the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2))
+    (out / f"{name}.md").write_text(text + "\n")
+    print(text)
 
 
 # ----------------------------------------------------------------------------- timing helpers

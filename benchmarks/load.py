@@ -27,6 +27,8 @@ class Request:
     messages: list[dict[str, str]] | None = None
     prompt_tokens: int = 0  # counted by the workload's tokenizer (the same for every server)
     ignore_eos: bool = True
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # more body fields (logprobs, ...)
+    group: str = ""  # a label summarize_groups splits the figures by
 
 
 @dataclasses.dataclass
@@ -40,7 +42,7 @@ class Outcome:
 
 async def _one(client: openai.AsyncOpenAI, model: str, req: Request) -> Outcome:
     out = Outcome(start=time.perf_counter())
-    extra = {"ignore_eos": True} if req.ignore_eos else {}
+    extra = {**({"ignore_eos": True} if req.ignore_eos else {}), **req.extra}
     try:
         if req.messages is not None:
             stream = await client.chat.completions.create(
@@ -103,7 +105,11 @@ def run_load(url: str, model: str, requests: list[Request], *, concurrency: int 
     if urlparse(url).hostname not in ("127.0.0.1", "localhost"):
         raise ValueError(f"the load generator only talks to 127.0.0.1, not {url}")
     outcomes, wall = asyncio.run(_drive(url, model, requests, concurrency, rate, deadline_s, seed))
-    return summarize(requests, outcomes, wall)
+    res = summarize(requests, outcomes, wall)
+    if len({r.group for r in requests}) > 1:  # each group's own figures (over the same wall time)
+        pairs = lambda g: zip(*[(r, o) for r, o in zip(requests, outcomes) if r.group == g])
+        res["groups"] = {g: summarize(*pairs(g), wall) for g in sorted({r.group for r in requests})}
+    return res
 
 
 def summarize(requests: list[Request], outcomes: list[Outcome], wall: float) -> dict[str, Any]:

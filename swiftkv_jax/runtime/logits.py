@@ -21,9 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-MAX_LOGPROBS = 20     # top alternatives a request may ask for per token (OpenAI's limit)
-MAX_LOGIT_BIAS = 300  # logit_bias entries per request (OpenAI's limit)
-NO_TOKEN = 2 ** 30    # padding id in bias_ids: out of every vocabulary, so its scatter is dropped
+from .shapes import MAX_LOGIT_BIAS, MAX_LOGPROBS, NO_TOKEN
 
 
 def mask_words(vocab: int) -> int:

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..config import ModelConfig
-from .logits import MAX_LOGIT_BIAS, MAX_LOGPROBS, NO_TOKEN
+from .shapes import MAX_LOGIT_BIAS, MAX_LOGPROBS, NO_TOKEN
 
 MAX_STOP_IDS = 8  # stop ids are padded to this many so their number never recompiles
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .logits import MAX_LOGIT_BIAS, NO_TOKEN, LogitRules, mask_words
+from .logits import LogitRules
 from .request import MAX_STOP_IDS, SamplingOptions
 from .sampling import SamplingParams
 from .steps import seed_keys
@@ -81,15 +81,7 @@ class Admission:
     top_k: np.ndarray        # [R] int32
     top_p: np.ndarray        # [R] float32
     seeds: np.ndarray        # [R] uint32
-    presence: np.ndarray     # [R] float32 (the LogitRules fields, logits.py)
-    frequency: np.ndarray    # [R] float32
-    repetition: np.ndarray   # [R] float32
-    min_tokens: np.ndarray   # [R] int32
-    bias_ids: np.ndarray     # [R, MAX_LOGIT_BIAS] int32
-    bias: np.ndarray         # [R, MAX_LOGIT_BIAS] float32
-    logprobs: np.ndarray     # [R] int32
-    constrained: np.ndarray  # [R] bool
-    allowed: np.ndarray      # [R, mask_words(V)] int32: a constrained request's first token's mask
+    rules: LogitRules        # of numpy arrays over the R rows (logits.py)
 
     @classmethod
     def padded(cls, rows: int, max_length: int, pad_slot: int, vocab_size: int) -> "Admission":
@@ -100,12 +92,7 @@ class Admission:
                    stop_ids=np.full((rows, MAX_STOP_IDS), -1, np.int32),
                    temperature=np.zeros(rows, np.float32), top_k=i32(rows),
                    top_p=np.ones(rows, np.float32), seeds=np.zeros(rows, np.uint32),
-                   presence=np.zeros(rows, np.float32), frequency=np.zeros(rows, np.float32),
-                   repetition=np.ones(rows, np.float32), min_tokens=i32(rows),
-                   bias_ids=np.full((rows, MAX_LOGIT_BIAS), NO_TOKEN, np.int32),
-                   bias=np.zeros((rows, MAX_LOGIT_BIAS), np.float32), logprobs=np.full(rows, -1, np.int32),
-                   constrained=np.zeros(rows, bool),
-                   allowed=np.zeros((rows, mask_words(vocab_size)), np.int32))
+                   rules=jax.tree.map(np.array, LogitRules.none(rows, vocab_size)))
 
     def fill(self, row: int, slot: int, prompt: np.ndarray, blocks: int, o: SamplingOptions,
              allowed: np.ndarray | None = None) -> None:
@@ -114,13 +101,14 @@ class Admission:
         self.prompts[row, :len(prompt)] = prompt
         self.max_tokens[row], self.stop_ids[row], self.seeds[row] = o.max_tokens, o.stop_row(), o.seed
         self.temperature[row], self.top_k[row], self.top_p[row] = o.temperature, o.top_k, o.top_p
-        self.presence[row], self.frequency[row] = o.presence_penalty, o.frequency_penalty
-        self.repetition[row], self.min_tokens[row] = o.repetition_penalty, o.min_tokens
-        self.bias_ids[row], self.bias[row] = o.bias_rows()
-        self.logprobs[row] = -1 if o.logprobs is None else o.logprobs
-        self.constrained[row] = allowed is not None
+        r = self.rules
+        r.presence[row], r.frequency[row] = o.presence_penalty, o.frequency_penalty
+        r.repetition[row], r.min_tokens[row] = o.repetition_penalty, o.min_tokens
+        r.bias_ids[row], r.bias[row] = o.bias_rows()
+        r.logprobs[row] = -1 if o.logprobs is None else o.logprobs
+        r.constrained[row] = allowed is not None
         if allowed is not None:
-            self.allowed[row] = allowed
+            r.allowed[row] = allowed
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -132,9 +120,7 @@ def insert(state: SlotState, new: Admission) -> SlotState:
                      stop_ids=a.stop_ids,
                      sampling=SamplingParams.make(a.temperature, a.top_k, a.top_p),
                      keys=seed_keys(a.seeds, jnp.zeros_like(a.prompt_len)),  # as generate()'s row 0
-                     rules=LogitRules(presence=a.presence, frequency=a.frequency, repetition=a.repetition,
-                                      min_tokens=a.min_tokens, bias_ids=a.bias_ids, bias=a.bias,
-                                      logprobs=a.logprobs, constrained=a.constrained, allowed=a.allowed))
+                     rules=a.rules)
     return state.set_rows(a.slots, rows)
 
 

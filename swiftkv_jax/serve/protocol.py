@@ -13,8 +13,8 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict
 
 from ..config import ModelConfig
-from ..runtime.logits import MAX_LOGPROBS
 from ..runtime.request import GenerateError, SamplingOptions
+from ..runtime.shapes import MAX_LOGPROBS
 from ..text.grammar import GrammarError, choice_grammar, json_schema_grammar, regex_grammar
 
 MAX_CHOICES = 16  # n (and best_of) per prompt: each choice is a request of its own in the engine

@@ -17,8 +17,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..runtime.logits import mask_words
-
 JSON_DEFAULTS = {"whitespace_flexible": False}
 
 
@@ -79,10 +77,12 @@ class Grammars:
         error = LLMatcher.validate_grammar(grammar, tokenizer)
         if error:
             raise GrammarError(error.strip())
+        from llguidance.numpy import get_bitmask_shape
+
         matcher = LLMatcher(tokenizer, grammar)
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
-        return GrammarConstraint(matcher, mask_words(self.vocab_size))
+        return GrammarConstraint(matcher, get_bitmask_shape(1, self.vocab_size)[1])
 
 
 class GrammarConstraint:
