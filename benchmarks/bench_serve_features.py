@@ -6,9 +6,12 @@ a closed loop (benchmarks/load.py, official openai client, streamed), 32 chat re
 ShareGPT questions, 64 new tokens each (eos ignored) for the unconstrained ones; the constrained
 ones answer a small JSON schema (they end with their grammar, ~20-40 tokens). Per case: output
 tokens/s, TPOT p50 for each kind of request, and the ratio of total tokens/s to the plain case.
-Warm-up compiles before the server listens. Never run beside another benchmark or distillation.
+The structured-output cases run once per --grammar-decode-steps value (decode steps per engine
+step while a constrained request runs: fewer give it its tokens sooner, more keep the others'
+loops long), the plain case first and last (its spread is the run's noise). Warm-up compiles
+before the server listens. Never run beside another benchmark or distillation.
 
-Run: PYTHONPATH=. .venv/bin/python benchmarks/bench_serve_features.py   (~10 min on 2 cores)
+Run: PYTHONPATH=. .venv/bin/python benchmarks/bench_serve_features.py   (~15 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--grammar-decode-steps", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 8],
+                   help="values to measure the structured-output cases at (the first: every case)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "swiftkv-jax" / "bench")
     args = p.parse_args(argv)
@@ -59,27 +64,30 @@ def main(argv: list[str] | None = None) -> int:
     gguf = default_model_path()
     tokenizer = load_tokenizer(gguf)
     base = chat_requests(tokenizer, data.sharegpt_prompts(args.requests), 64, None)
-    cases = {
-        "plain": case(base, 0.0),
-        "25% json": case(base, 0.25),
-        "100% json": case(base, 1.0),
-        "logprobs 5": case(base, 0.0, logprobs=True, top_logprobs=5),
-        "penalties": case(base, 0.0, frequency_penalty=0.5, presence_penalty=0.5, repetition_penalty=1.2),
-    }
+    shaped = {"25% json": case(base, 0.25), "100% json": case(base, 1.0)}
+    others = {"logprobs 5": case(base, 0.0, logprobs=True, top_logprobs=5),
+              "penalties": case(base, 0.0, frequency_penalty=0.5, presence_penalty=0.5,
+                                repetition_penalty=1.2)}
     cpu = CpuShare()
     cpu.start()
     res: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "cpu": cpu_name(), "clients": args.clients,
                            "requests": args.requests, "cases": {}}
-    log("starting swiftkv-jax serve ...")
-    with ServerProcess.swiftkv(gguf, "--served-model-name", MODEL_NAME, "--max-slots", str(args.clients),
-                               "--max-length", "2048", "--log-level", "warning", "--warmup", "first",
-                               log=args.work / "serve-features.log", timeout=1800) as server:
-        run_load(server.url, MODEL_NAME, case(base[:2], 1.0), concurrency=2)  # grammar library warm-up
-        for name, requests in cases.items():
-            r = run_load(server.url, MODEL_NAME, requests, concurrency=args.clients)
-            res["cases"][name] = r
-            log(f"  {name}: {r['ok']}/{r['requests']} ok, {r['output_tok_s']:.0f} output tok/s, "
-                f"{r['total_tok_s']:.0f} total tok/s" + (f", errors: {r['errors']}" if r["errors"] else ""))
+    for i, steps in enumerate(args.grammar_decode_steps):
+        log(f"starting swiftkv-jax serve (--grammar-decode-steps {steps}) ...")
+        with ServerProcess.swiftkv(gguf, "--served-model-name", MODEL_NAME, "--max-slots", str(args.clients),
+                                   "--max-length", "2048", "--log-level", "warning", "--warmup", "first",
+                                   "--grammar-decode-steps", str(steps), log=args.work / "serve-features.log",
+                                   timeout=1800) as server:
+            run_load(server.url, MODEL_NAME, case(base[:2], 1.0), concurrency=2)  # grammar library warm-up
+            cases = {f"{name}, grammar steps {steps}": reqs for name, reqs in shaped.items()}
+            if i == 0:
+                cases = {"plain": case(base, 0.0), **others, **cases, "plain (again)": case(base, 0.0)}
+            for name, requests in cases.items():
+                r = run_load(server.url, MODEL_NAME, requests, concurrency=args.clients)
+                res["cases"][name] = r
+                errors = f", errors: {r['errors']}" if r["errors"] else ""
+                log(f"  {name}: {r['ok']}/{r['requests']} ok, {r['output_tok_s']:.0f} output tok/s, "
+                    f"{r['total_tok_s']:.0f} total tok/s{errors}")
     res["others_cpu_share"] = cpu.others()
     save_results(args.out, "serve_features", res, render(res))
     return 0
@@ -87,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(res: dict[str, Any]) -> str:
     plain = res["cases"]["plain"]["total_tok_s"]
-    tpot = lambda r, g: (r.get("groups", {}).get(g) or (r if g == "plain" and "groups" not in r else {}))
+    tpot = lambda r, g: r.get("groups", {}).get(g)
     ms = lambda r: f"{r['tpot_p50_s'] * 1000:.0f} ms" if r and r.get("tpot_p50_s") else "-"
     lines = [f"{res['model']}, f32, SwiftKV off, {res['cpu']}; {res['clients']} clients, {res['requests']} "
              f"chat requests per case (other processes used {100 * (res['others_cpu_share'] or 0):.0f}% of "

@@ -8,7 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..runtime.shapes import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_LENGTH, DEFAULT_MAX_SLOTS
+from ..runtime.shapes import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_DECODE_STEPS,
+    DEFAULT_GRAMMAR_DECODE_STEPS,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MAX_SLOTS,
+)
 from ..serve.limits import DEFAULT_HOST, DEFAULT_PORT, MAX_BODY_BYTES, MAX_QUEUE, SHUTDOWN_TIMEOUT_S
 from .common import add_mesh_args, add_model_args, load_with_tokenizer, mesh_of
 
@@ -28,6 +34,10 @@ def add_parser(sub: Any) -> None:
                    help="prompt + output tokens per request")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                    help="prompt tokens prefilled per step")
+    p.add_argument("--decode-steps", type=int, default=DEFAULT_DECODE_STEPS,
+                   help="decode tokens per engine step while no prompt is being prefilled")
+    p.add_argument("--grammar-decode-steps", type=int, default=DEFAULT_GRAMMAR_DECODE_STEPS,
+                   help="the same while a structured-output request runs (it takes one token per step)")
     p.add_argument("--pool-bytes", type=int, default=None,
                    help="KV pool size (default: every slot at max-length)")
     p.add_argument("--no-prefix-cache", action="store_true", help="never reuse cached prompt blocks")
@@ -56,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     params, tokenizer = load_with_tokenizer(args, "serve", mesh=mesh_of(args))
     engine = Engine(params, max_slots=args.max_slots, max_length=args.max_length,
                     chunk_size=args.chunk_size, pool_bytes=args.pool_bytes,
-                    prefix_cache=not args.no_prefix_cache)
+                    prefix_cache=not args.no_prefix_cache, decode_steps=args.decode_steps,
+                    grammar_decode_steps=args.grammar_decode_steps)
 
     def report(seconds: float) -> None:
         print(f"warm-up (every step shape compiled, or read from the compilation cache) took "

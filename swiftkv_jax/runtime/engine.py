@@ -47,6 +47,7 @@ from .scoring import prompt_logprobs
 from .shapes import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_DECODE_STEPS,
+    DEFAULT_GRAMMAR_DECODE_STEPS,
     DEFAULT_MAX_LENGTH,
     DEFAULT_MAX_SLOTS,
     MIN_CHUNK,
@@ -65,6 +66,7 @@ class _Launched:
     plan: StepPlan
     out: jax.Array | None
     completed: list[bool]
+    constrained: bool = False  # a grammar-constrained row took a token: its next mask needs it
 
 
 STATS_WAIT_S = 0.25  # how long stats() waits for a running step or compile before reading around it
@@ -82,7 +84,9 @@ class Engine:
     request may hold. num_blocks / pool_bytes: the KV pool shared by all slots and the prefix
     cache (default: every slot full). chunk_size: prompt tokens per step. decode_steps: decode
     tokens per step when no prompt is being prefilled (tokens reach readers in groups of up to
-    this many; while one is, each step decodes one token per request). prefix_cache False:
+    this many; while one is, each step decodes one token per request). grammar_decode_steps:
+    the same while a grammar-constrained request runs (it takes one token per step, so fewer
+    steps per loop get it its tokens sooner; runtime/constraint.py). prefix_cache False:
     nothing is cached or reused (the index only allocates; for measuring the cache).
     """
 
@@ -90,13 +94,14 @@ class Engine:
                  max_length: int = DEFAULT_MAX_LENGTH, num_blocks: int | None = None,
                  pool_bytes: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, decode_steps: int = DEFAULT_DECODE_STEPS,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, grammar_decode_steps: int = DEFAULT_GRAMMAR_DECODE_STEPS):
         if not isinstance(params, Params):
             raise GenerateError("params must be swiftkv_jax Params (from swiftkv_jax.load or init_params)")
         if chunk_size < MIN_CHUNK or chunk_size & (chunk_size - 1):
             raise GenerateError(f"chunk_size must be a power of two >= {MIN_CHUNK}, got {chunk_size}")
-        if decode_steps < 1:
-            raise GenerateError(f"decode_steps must be >= 1, got {decode_steps}")
+        if decode_steps < 1 or grammar_decode_steps < 1:
+            raise GenerateError(f"decode_steps and grammar_decode_steps must be >= 1, got {decode_steps} "
+                                f"and {grammar_decode_steps}")
         self.params = params
         self._runner = Runner(params, max_slots, max_length, decode_steps, block_size=block_size,
                               num_blocks=num_blocks, pool_bytes=pool_bytes, prefix_cache=prefix_cache)
@@ -104,7 +109,8 @@ class Engine:
         self.chunk_size, self.decode_steps = chunk_size, decode_steps
         self.prefix_cache = prefix_cache
         self._scheduler = Scheduler(max_slots, chunk_size, block_size, self.cache.num_blocks,
-                                    decode_steps, share_prefixes=prefix_cache)
+                                    decode_steps, share_prefixes=prefix_cache,
+                                    grammar_steps=min(grammar_decode_steps, decode_steps))
         self._ids = itertools.count()
         self._step_lock = threading.RLock()
         self._wake = threading.Event()
@@ -202,7 +208,9 @@ class Engine:
         """The background loop runs one step ahead: it launches step n + 1 before it fetches and
         delivers step n, so the host's work (delivery, planning, dispatch) overlaps the device's.
         A request that ended in step n may still sit in step n + 1's rows: the device already
-        counts it as done (its budget is spent), and its results there are ignored."""
+        counts it as done (its budget is spent), and its results there are ignored. A step in
+        which a grammar-constrained row took a token is finished at once instead, so the row's
+        next mask is ready for the very next step."""
         pending: _Launched | None = None
         while True:
             with self._step_lock:
@@ -212,6 +220,10 @@ class Engine:
                 if pending is not None:
                     self._finish(pending)
                 pending = launched
+                if launched is not None and launched.constrained:
+                    self._finish(launched)
+                    pending = None
+                    continue
             if pending is None:
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -247,10 +259,12 @@ class Engine:
             for seq, n in plan.prefill:
                 self._scheduler.prefilled(seq, n)
                 self._counters["prefill_tokens"] += n
-            for seq in [s for s, _ in plan.prefill if s.prompt_left == 0] + list(plan.decode):
+            sampled = [s for s, _ in plan.prefill if s.prompt_left == 0] + list(plan.decode)
+            for seq in sampled:
                 seq.held = seq.constraint is not None  # its next mask waits for this token
             self._counters["steps"] += 1
-            return _Launched(plan, out, [seq.prompt_left == 0 for seq, _ in plan.prefill])
+            return _Launched(plan, out, [seq.prompt_left == 0 for seq, _ in plan.prefill],
+                             any(seq.held for seq in sampled))
         except Exception as err:  # noqa: BLE001 -- the engine must outlive any one failure
             self._recover(err)
             return _Launched(StepPlan(), None, [])

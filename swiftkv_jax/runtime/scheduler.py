@@ -74,9 +74,10 @@ class Scheduler:
     """Which requests wait, which slots and blocks they hold, and what each step runs."""
 
     def __init__(self, max_slots: int, chunk_size: int, block_size: int, num_blocks: int,
-                 decode_steps: int = 1, share_prefixes: bool = True):
+                 decode_steps: int = 1, share_prefixes: bool = True, grammar_steps: int | None = None):
         self.max_slots, self.chunk_size, self.block_size = max_slots, chunk_size, block_size
         self.num_blocks, self.decode_steps, self.share_prefixes = num_blocks, decode_steps, share_prefixes
+        self.grammar_steps = decode_steps if grammar_steps is None else grammar_steps
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.slots: list[Sequence | None] = [None] * max_slots
         self.reserved = 0  # blocks reserved by the requests holding slots
@@ -164,13 +165,17 @@ class Scheduler:
     def plan(self) -> StepPlan:
         """This step's rows, once every admitted request's position is known: a chunk of the
         prefilling requests with a decode token for each decoding one, or, when none prefills,
-        up to `decode_steps` decode steps (never more than a row still needs)."""
+        up to `decode_steps` decode steps (never more than a row still needs; at most
+        `grammar_steps` while a grammar-constrained request runs, which takes one token a step)."""
         rows, width = self._chunk_rows(self._prefilling)
         decoding = tuple(self.decoding())
         if rows:
             return StepPlan(tuple(rows), width, decoding, 1)
         need = max((s.options.max_tokens - len(s.tokens) for s in decoding), default=0)
-        return StepPlan(decode=decoding, decode_steps=max(1, min(self.decode_steps, need)))
+        steps = self.decode_steps
+        if any(s.constraint is not None for s in self.active()):  # it takes one token per step
+            steps = min(steps, self.grammar_steps)
+        return StepPlan(decode=decoding, decode_steps=max(1, min(steps, need)))
 
     def prefilled(self, seq: Sequence, n: int) -> None:
         """`n` more prompt tokens of the request are in the cache; with the whole prompt there,

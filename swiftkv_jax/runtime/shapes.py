@@ -12,6 +12,7 @@ MIN_CHUNK = 16  # the smallest chunk bucket (and the smallest auto-sized cache)
 DEFAULT_MAX_SLOTS = 8  # requests an engine decodes together (cache rows)
 DEFAULT_MAX_LENGTH = 2048  # prompt + output tokens one engine request may hold
 DEFAULT_DECODE_STEPS = 8  # decode tokens per engine step while no prompt is being prefilled
+DEFAULT_GRAMMAR_DECODE_STEPS = 1  # the same while a grammar-constrained request runs (measured: engine.md)
 MAX_LOGPROBS = 20  # top alternatives a request may ask for per token (OpenAI's limit)
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (OpenAI's limit), padded to this many
 NO_TOKEN = 2 ** 30  # padding id in a row's logit_bias ids: out of every vocabulary (its scatter is dropped)
