@@ -193,6 +193,10 @@ def test_n_choices_equal_separately_seeded_requests_and_best_of_picks_the_likeli
     best = client.completions.create(n=1, best_of=3, seed=11, **kw).choices
     likeliest = max(alone, key=lambda a: sum(a.logprobs.token_logprobs))
     assert len(best) == 1 and best[0].index == 0 and best[0].text == likeliest.text
+    fresh = " ".join(reversed(LONG.split()))  # never sent before: only the copies can share its blocks
+    shared = client.completions.create(model=MODEL, prompt=fresh, n=3, max_tokens=2, temperature=1.0,
+                                       extra_body={"ignore_eos": True})
+    assert shared.usage.prompt_tokens_details.cached_tokens >= 2 * 32  # copies 2 and 3 reuse the blocks
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello"}],
                                           n=2, seed=3, max_tokens=4, temperature=1.0,
                                           extra_body={"ignore_eos": True})
