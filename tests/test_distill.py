@@ -20,6 +20,7 @@ from swiftkv_jax.model.attention import ATTENTION_TILE
 from swiftkv_jax.train import distill as D
 from swiftkv_jax.train.data import Packed
 from swiftkv_jax.train.evaluate import evaluate
+from swiftkv_jax.train.head_kl import head_kl
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=5, num_heads=4,
                   num_kv_heads=2, head_dim=8, eos_token_ids=(2,))
@@ -145,6 +146,27 @@ def test_interrupt_and_resume_equals_a_straight_run(tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "a" / "metrics.jsonl"), losses(tmp_path / "b" / "metrics.jsonl"), rtol=1e-5)
     assert (tmp_path / "b" / "loss.png").stat().st_size > 1000
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["6", "7"]  # keep 2
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 500])
+def test_fused_head_kl_equals_the_plain_formula_and_its_gradient(chunk):
+    """head_kl (LM head fused, chunked, hand-written backward) against the KL written plainly over
+    full logits and differentiated by JAX; N = 100 is no multiple of 7 or 64 (padding)."""
+    k = jax.random.split(jax.random.PRNGKey(3), 4)
+    n, d, v, tau = 100, 16, 50, 2.0
+    x_t, x_s = jax.random.normal(k[0], (n, d)), jax.random.normal(k[1], (n, d))
+    head = 0.5 * jax.random.normal(k[2], (v, d))
+    w = (jax.random.uniform(k[3], (n,)) > 0.3).astype(jnp.float32).at[:20].set(0.0)  # skipped chunks
+
+    def plain(xs):
+        t = jax.nn.log_softmax(x_t @ head.T / tau, axis=-1)
+        s = jax.nn.log_softmax(xs @ head.T / tau, axis=-1)
+        return tau**2 * jnp.sum(w * jnp.sum(jnp.exp(t) * (t - s), axis=-1))
+
+    fused = lambda xs: head_kl(x_t, xs, w, head, tau, chunk)
+    np.testing.assert_allclose(float(fused(x_s)), float(plain(x_s)), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(fused)(x_s), jax.grad(plain)(x_s), rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(jax.grad(fused)(x_s)).max()) > 1e-3  # a gradient that can be wrong
 
 
 @pytest.mark.parametrize("seq_len", [16, ATTENTION_TILE + 8], ids=["dense", "tiled"])

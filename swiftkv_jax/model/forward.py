@@ -30,7 +30,7 @@ from .swiftkv_layers import last_token, run_upper, upper_layers, write_upper_kv
 def logits_from_hidden(params: Params, h: jax.Array) -> jax.Array:
     """Final norm and LM head, float32 logits."""
     w = params.weights
-    h = rms_norm(h, w["norm"]["weight"], params.config.rms_norm_eps)
+    h = final_norm(params, h)
     head = w["embed_tokens"] if params.config.tie_word_embeddings else w["lm_head"]
     if isinstance(head, Int8Weight):  # stored [V, D] either way
         return int8.matmul(h, head, F32)
@@ -138,11 +138,12 @@ def lower_hidden(params: Params, tokens: jax.Array) -> jax.Array:
     return h
 
 
-def upper_logits(params: Params, h_l: jax.Array, *, use_swiftkv: bool = True
+def upper_hidden(params: Params, h_l: jax.Array, *, use_swiftkv: bool = True
                  ) -> tuple[jax.Array, jax.Array]:
-    """From h_L through layers [L, N) for every token, no cache: (logits [B, T, V], the hidden state
-    entering the last layer [B, T, D]). `use_swiftkv=False` runs the base model's own q/k/v_proj
-    there (the distillation teacher; see swiftkv_off for which checkpoints have them)."""
+    """From h_L through layers [L, N) for every token, no cache: (the hidden state leaving the last
+    layer [B, T, D], before the final norm; the hidden state entering the last layer [B, T, D]).
+    `use_swiftkv=False` runs the base model's own q/k/v_proj there (the distillation teacher; see
+    swiftkv_off for which checkpoints have them)."""
     cfg, w = params.config, params.weights
     q_pos = _positions(h_l[..., 0])
     kv = ChunkKV(q_pos)
@@ -151,7 +152,29 @@ def upper_logits(params: Params, h_l: jax.Array, *, use_swiftkv: bool = True
     else:
         upper = w["layers"][cfg.num_key_value_layers:]
         h, _, into_last = run_layers(upper, cfg, h_l, q_pos, kv, [None] * len(upper))
+    return h, into_last
+
+
+def upper_logits(params: Params, h_l: jax.Array, *, use_swiftkv: bool = True
+                 ) -> tuple[jax.Array, jax.Array]:
+    """upper_hidden's, with the final norm and LM head applied: (logits [B, T, V], the hidden
+    state entering the last layer [B, T, D])."""
+    h, into_last = upper_hidden(params, h_l, use_swiftkv=use_swiftkv)
     return logits_from_hidden(params, h), into_last
+
+
+def final_norm(params: Params, h: jax.Array) -> jax.Array:
+    """The model's last RMSNorm (what the LM head reads)."""
+    return rms_norm(h, params.weights["norm"]["weight"], params.config.rms_norm_eps)
+
+
+def head_rows(params: Params) -> jax.Array:
+    """The LM head as [V, D] rows (the embedding itself when tied)."""
+    w = params.weights
+    head = w["embed_tokens"] if params.config.tie_word_embeddings else w["lm_head"].T
+    if isinstance(head, Int8Weight):
+        raise TypeError("head_rows needs float weights; dequantize int8 params first")
+    return head
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype: Any = F32) -> Params:

@@ -23,10 +23,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ..model.forward import lower_hidden, upper_logits
+from ..model.forward import final_norm, head_rows, lower_hidden, upper_hidden
 from ..model.params import Params, Trainable, merge, trainable_of
 from ..sharding import partitioning
 from .data import Packed
+from .head_kl import head_kl
 from .settings import DistillConfig
 
 TrainState = dict[str, Any]  # {"step": int32 [], "trainable": Trainable, "opt_state": ...}
@@ -48,17 +49,17 @@ __all__ = ["DistillConfig", "RunError", "RunResult", "Trainable", "distill", "di
 def loss_sums(trainable: Trainable, params: Params, batch: dict[str, jax.Array], temperature: float
               ) -> tuple[jax.Array, jax.Array]:
     """(sum of tau^2 KL(teacher/tau || student/tau), sum of per-position hidden MSE) over the
-    supervised positions of `batch`; the teacher and layers [0, L) carry no gradient."""
+    supervised positions of `batch`; the teacher and layers [0, L) carry no gradient. The KL
+    runs with the LM head fused in, chunk by chunk (head_kl.py: no [B, T, V] logits kept)."""
     h_l = jax.lax.stop_gradient(lower_hidden(params, batch["tokens"]))
-    t_logits, t_last = jax.lax.stop_gradient(upper_logits(params, h_l, use_swiftkv=False))
-    s_logits, s_last = upper_logits(merge(trainable, params), h_l, use_swiftkv=True)
-    t_logp = jax.nn.log_softmax(t_logits / temperature, axis=-1)
-    s_logp = jax.nn.log_softmax(s_logits / temperature, axis=-1)
-    kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)
+    t_h, t_last = jax.lax.stop_gradient(upper_hidden(params, h_l, use_swiftkv=False))
+    s_h, s_last = upper_hidden(merge(trainable, params), h_l, use_swiftkv=True)
+    w = batch["weights"]
+    rows = lambda h: final_norm(params, h).reshape(-1, h.shape[-1])
+    kl = head_kl(rows(t_h), rows(s_h), w.reshape(-1), head_rows(params), temperature)
     diff = (s_last - t_last).astype(jnp.float32)
     mse = jnp.mean(diff * diff, axis=-1)
-    w = batch["weights"]
-    return temperature**2 * jnp.sum(kl * w), jnp.sum(mse * w)
+    return kl, jnp.sum(mse * w)
 
 
 def distill_loss(trainable: Trainable, params: Params, batch: dict[str, jax.Array],
