@@ -80,7 +80,8 @@ def speed(layers: list[int], args: argparse.Namespace) -> dict[str, dict[str, fl
             t0 = time.perf_counter()
             outs = [h.result() for h in [engine.submit(p, sk.SamplingOptions(max_tokens=n, stop_ids=()))
                                          for p, n in work]]
-            rate = max(rate, (sum(len(p) for p, _ in work) + sum(map(len, outs))) / (time.perf_counter() - t0))
+            tokens = sum(len(p) for p, _ in work) + sum(map(len, outs))
+            rate = max(rate, tokens / (time.perf_counter() - t0))
             engine.cache = engine.cache.clear()
         out[name] = {"ttft_s": min(ttft), "engine_tok_s": rate}
         log(f"speed {name}: TTFT {min(ttft) * 1000:.0f} ms, engine {rate:.0f} total tokens/s")
