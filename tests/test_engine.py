@@ -23,6 +23,7 @@ import swiftkv_jax as sk
 from swiftkv_jax.runtime.engine import Engine, compilations
 from swiftkv_jax.runtime.handle import FinishReason
 from swiftkv_jax.runtime.request import GenerateError, SamplingOptions
+from swiftkv_jax.runtime.scoring import SCORE_ROWS, batches, prompt_logprobs
 from swiftkv_jax.runtime.steps import prefill
 
 # One geometry for every engine here, so the suite compiles each step's shapes once per model.
@@ -281,6 +282,22 @@ def test_one_requests_penalties_and_logprobs_never_touch_another(gqa_model, plai
         assert [[t for t, _ in lp.top] for lp in h.logprobs] == [
             np.argsort(-ref[len(p) - 1 + j])[:2].tolist() for j in range(len(got))]
     assert_all_returned(engine)
+
+
+def test_prompts_scored_together_equal_each_alone(plain):
+    """Prompt logprobs of prompts batched into one pass (padded rows and lengths) = one by one."""
+    work = prompts(160, [1, 5, 17, 40, 9, 33], seed=30)
+    together = prompt_logprobs(plain, work, [2, 0, 3, 0, 1, 2])
+    for p, k, got in zip(work, [2, 0, 3, 0, 1, 2], together):
+        (alone_,) = prompt_logprobs(plain, [p], [k])
+        assert got[0] is None and len(got) == len(p)
+        np.testing.assert_allclose([x.logprob for x in got[1:]], [x.logprob for x in alone_[1:]], atol=1e-5)
+        assert [[t for t, _ in x.top] for x in got[1:]] == [[t for t, _ in x.top] for x in alone_[1:]]
+        assert all(len(x.top) == k for x in got[1:])
+    # in order; 2 rows x 1024 fit the 2048-token budget, a third would not; at most 8 rows
+    assert SCORE_ROWS == 8 and batches([3, 700, 700, 900, 40] + [10] * 9) == [
+        [0, 1], [2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    assert batches([3000, 5]) == [[0], [1]]  # a prompt over the budget goes alone
 
 
 class ToyGrammar:

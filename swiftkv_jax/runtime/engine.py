@@ -337,17 +337,29 @@ class Engine:
         with self._scheduler.lock:
             todo = [s for s in self._scheduler.waiting
                     if s.options.prompt_logprobs is not None and s.handle.prompt_logprobs is None]
-        for seq in todo:
-            try:
-                seq.handle.prompt_logprobs = prompt_logprobs(self.params, seq.prompt,
-                                                             seq.options.prompt_logprobs)
-            except Exception as err:  # noqa: BLE001 -- this request fails, no other
-                log.exception("scoring a prompt failed")
-                self._end(seq, FinishReason.ERROR, f"{type(err).__name__}: {err}")
+        if not todo:
+            return
+        try:
+            scored = prompt_logprobs(self.params, [s.prompt for s in todo],
+                                     [s.options.prompt_logprobs for s in todo])
+        except Exception:  # noqa: BLE001 -- score them one by one: only the one at fault fails
+            scored = [self._score_alone(seq) for seq in todo]
+        for seq, logprobs in zip(todo, scored):
+            if logprobs is None:
                 continue
+            seq.handle.prompt_logprobs = logprobs
             self._counters["scored_tokens"] += len(seq.prompt)
             if seq.options.max_tokens == 0:
                 self._end(seq, FinishReason.LENGTH)
+
+    def _score_alone(self, seq: Sequence) -> list | None:
+        """One request's prompt logprobs, or None after ending it with the error."""
+        try:
+            return prompt_logprobs(self.params, [seq.prompt], [seq.options.prompt_logprobs])[0]
+        except Exception as err:  # noqa: BLE001 -- this request fails, no other
+            log.exception("scoring a prompt failed")
+            self._end(seq, FinishReason.ERROR, f"{type(err).__name__}: {err}")
+            return None
 
     def _end_cancelled(self) -> None:
         with self._scheduler.lock:
