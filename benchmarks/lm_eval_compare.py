@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,8 @@ MODELS = {"base": None, "smollm2-swiftkv": "smollm2-swiftkv"}  # None: the defau
 
 
 def run_lm_eval(url: str, tokenizer_dir: Path, out: Path) -> tuple[dict, list[dict]]:
-    """lm-eval's results for the task and its samples (one per question)."""
+    """lm-eval's results for the task and its samples (one per question), in a fresh `out`."""
+    shutil.rmtree(out, ignore_errors=True)
     args = (f"model=m,base_url={url}/v1/completions,tokenizer_backend=huggingface,tokenizer={tokenizer_dir},"
             "num_concurrent=4,max_retries=1,timeout=300")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OPENAI_API_KEY": "unused"}
