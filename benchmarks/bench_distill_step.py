@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, cpu_name, log, matmul_flops, save_results  # noqa: E402
+from common import RESULTS_DIR, cpu_name, log, matmul_flops, save_results, table  # noqa: E402
 
 import swiftkv_jax as sk  # noqa: E402
 from swiftkv_jax.model.forward import lower_hidden, upper_logits  # noqa: E402
@@ -93,14 +93,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(res: dict) -> str:
     b = res["batch"]
-    lines = [f"SmolLM2-135M SwiftKV L15 g1 distillation step, batch {b[0]} x {b[1]}, f32, {res['cpu']} "
-             f"(matmul {res['matmul_gflops']:.0f} GFLOP/s)", "",
-             "| loss, supervised | s/step (best) | tokens/s | GFLOP/step (XLA) | share of matmul rate |",
-             "|---|---|---|---|---|"]
-    for name, c in res["cases"].items():
-        lines.append(f"| {name} | {c['step_s']:.2f} | {c['tokens_per_s']:.0f} | {c['gflops']:.0f} | "
-                     f"{100 * c['matmul_share']:.0f}% |")
-    return "\n".join(lines)
+    rows = [[name, f"{c['step_s']:.2f}", f"{c['tokens_per_s']:.0f}", f"{c['gflops']:.0f}",
+             f"{100 * c['matmul_share']:.0f}%"] for name, c in res["cases"].items()]
+    head = (f"SmolLM2-135M SwiftKV L15 g1 distillation step, batch {b[0]} x {b[1]}, f32, {res['cpu']} "
+            f"(matmul {res['matmul_gflops']:.0f} GFLOP/s)")
+    return "\n".join([head, ""] + table(
+        ["loss, supervised", "s/step (best)", "tokens/s", "GFLOP/step (XLA)", "share of matmul rate"], rows))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import MODEL_NAME, chat_requests  # noqa: E402
-from common import RESULTS_DIR, CpuShare, cpu_name, log, save_results  # noqa: E402
+from common import RESULTS_DIR, CpuShare, cpu_name, log, save_results, table  # noqa: E402
 from load import Request, run_load  # noqa: E402
 
 from swiftkv_jax.io.loading import default_model_path, load_tokenizer  # noqa: E402
@@ -97,15 +97,14 @@ def render(res: dict[str, Any]) -> str:
     plain = res["cases"]["plain"]["total_tok_s"]
     tpot = lambda r, g: r.get("groups", {}).get(g)
     ms = lambda r: f"{r['tpot_p50_s'] * 1000:.0f} ms" if r and r.get("tpot_p50_s") else "-"
-    lines = [f"{res['model']}, f32, SwiftKV off, {res['cpu']}; {res['clients']} clients, {res['requests']} "
-             f"chat requests per case (other processes used {100 * (res['others_cpu_share'] or 0):.0f}% of "
-             "the CPU)", "",
-             "| case | output tok/s | total tok/s | vs plain | TPOT p50 plain | TPOT p50 json |",
-             "|---|---|---|---|---|---|"]
-    for name, r in res["cases"].items():
-        lines.append(f"| {name} | {r['output_tok_s']:.0f} | {r['total_tok_s']:.0f} | "
-                     f"{r['total_tok_s'] / plain:.2f}x | {ms(tpot(r, 'plain'))} | {ms(tpot(r, 'json'))} |")
-    return "\n".join(lines)
+    rows = [[name, f"{r['output_tok_s']:.0f}", f"{r['total_tok_s']:.0f}",
+             f"{r['total_tok_s'] / plain:.2f}x", ms(tpot(r, "plain")), ms(tpot(r, "json"))]
+            for name, r in res["cases"].items()]
+    head = (f"{res['model']}, f32, SwiftKV off, {res['cpu']}; {res['clients']} clients, {res['requests']} "
+            f"chat requests per case (other processes used {100 * (res['others_cpu_share'] or 0):.0f}% of "
+            "the CPU)")
+    return "\n".join([head, ""] + table(["case", "output tok/s", "total tok/s", "vs plain", "TPOT p50 plain",
+                                         "TPOT p50 json"], rows))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,12 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
 
 
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines."""
+    line = lambda cells: "| " + " | ".join(cells) + " |"
+    return [line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]
+
+
 def save_results(out: Path, name: str, res: dict[str, Any], text: str) -> None:
     """Writes a run's figures (`name`.json) and its table (`name`.md) into `out`, and prints the table."""
     out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, cpu_name, log, save_results  # noqa: E402
+from common import RESULTS_DIR, cpu_name, log, save_results, table  # noqa: E402
 
 from swiftkv_jax.io.loading import default_model_path, load_tokenizer  # noqa: E402
 from swiftkv_jax.serve.process import ServerProcess  # noqa: E402
@@ -79,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(res: dict[str, Any]) -> str:
+    rows = [[name, f"{m['acc,none']:.3f} ± {m['acc_stderr,none']:.3f}",
+             f"{m['acc_norm,none']:.3f} ± {m['acc_norm_stderr,none']:.3f}"]
+            for name, m in res["models"].items()]
     lines = [f"lm-eval `{res['task']}` (40 local questions, 4 choices, chance 25%) through "
-             f"`swiftkv-jax serve`, f32, {res['cpu']}", "", "| model | acc | acc_norm |", "|---|---|---|"]
-    for name, m in res["models"].items():
-        lines.append(f"| {name} | {m['acc,none']:.3f} ± {m['acc_stderr,none']:.3f} | "
-                     f"{m['acc_norm,none']:.3f} ± {m['acc_norm_stderr,none']:.3f} |")
+             f"`swiftkv-jax serve`, f32, {res['cpu']}", ""] + table(["model", "acc", "acc_norm"], rows)
     lines += ["", f"Same answer picked: {100 * res['same_pick']:.0f}% of questions; mean |log-likelihood "
               f"difference| per choice: {res['mean_abs_loglik_diff']:.3f} nats."]
     return "\n".join(lines)

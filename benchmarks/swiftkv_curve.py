@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, cpu_name, log, save_results  # noqa: E402
+from common import RESULTS_DIR, cpu_name, log, save_results, table  # noqa: E402
 
 RECIPE = ["--kv-init", "lstsq", "--lr", "1e-3", "--mse-weight", "0", "--temperature", "1",
           "--batch-size", "4", "--seq-len", "240", "--save-every", "20", "--text-eval-chars", "10000"]
@@ -106,15 +106,16 @@ def report(layers: list[int], args: argparse.Namespace, speeds: dict[str, Any]) 
 
 
 def render(res: dict[str, Any]) -> str:
-    lines = [f"SmolLM2-135M-Instruct distilled at each L (g = 1), {res['steps']} steps x 960 tokens each, "
-             f"{res['cpu']}; speed on the initialisation weights, SwiftKV off = 1", "",
-             "| L (of 30) | held-out KL | top-1 | ppl vs teacher | English ppl vs teacher | "
-             "TTFT 1000 speed-up | engine speed-up |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for L, p in sorted(res["points"].items(), key=lambda kv: int(kv[0])):
         text = f"{p['text_ppl_ratio']:.3f}x" if p["text_ppl_ratio"] else "-"
-        lines.append(f"| {L} | {p['kl']:.3f} | {100 * p['top1']:.1f}% | {p['ppl_ratio']:.3f}x | {text} | "
-                     f"{p['ttft_speedup']:.2f}x | {p['engine_speedup']:.2f}x |")
-    return "\n".join(lines)
+        rows.append([str(L), f"{p['kl']:.3f}", f"{100 * p['top1']:.1f}%", f"{p['ppl_ratio']:.3f}x", text,
+                     f"{p['ttft_speedup']:.2f}x", f"{p['engine_speedup']:.2f}x"])
+    head = (f"SmolLM2-135M-Instruct distilled at each L (g = 1), {res['steps']} steps x 960 tokens each, "
+            f"{res['cpu']}; speed on the initialisation weights, SwiftKV off = 1")
+    columns = ["L (of 30)", "held-out KL", "top-1", "ppl vs teacher", "English ppl vs teacher",
+               "TTFT 1000 speed-up", "engine speed-up"]
+    return "\n".join([head, ""] + table(columns, rows))
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
