@@ -146,24 +146,26 @@ class Logprobs:
         return jax.tree.map(lambda x, v: x.at[:, step].set(v[:, 0]), self, new)
 
 
+def top_logprobs(logp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The MAX_LOGPROBS largest log-probabilities over the last axis and their token ids, most
+    likely first (a vocabulary under MAX_LOGPROBS pads them with -inf and id 0)."""
+    k = min(MAX_LOGPROBS, logp.shape[-1])
+    values, ids = jax.lax.top_k(logp, k)
+    pad = [(0, 0)] * (logp.ndim - 1) + [(0, MAX_LOGPROBS - k)]
+    return jnp.pad(values, pad, constant_values=-jnp.inf), jnp.pad(ids, pad)
+
+
 def logprobs_of(logits: jax.Array, tokens: jax.Array, wanted: jax.Array) -> Logprobs:
     """Logprobs (n = 1) of `tokens` [B] under the raw `logits` [B, V]; computed only when some
     row wants them (`wanted` [B]: -1 none, else how many alternatives), the top-k only when some
-    row wants alternatives (a vocabulary under MAX_LOGPROBS pads them with -inf)."""
-    batch, vocab = logits.shape
-    k = min(MAX_LOGPROBS, vocab)
+    row wants alternatives."""
+    batch = logits.shape[0]
 
     def compute() -> Logprobs:
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         token = jnp.take_along_axis(logp, tokens[:, None], axis=1)
-
-        def top() -> tuple[jax.Array, jax.Array]:
-            values, ids = jax.lax.top_k(logp, k)
-            pad = ((0, 0), (0, MAX_LOGPROBS - k))
-            return jnp.pad(values, pad, constant_values=-jnp.inf), jnp.pad(ids, pad)
-
         none = (jnp.zeros((batch, MAX_LOGPROBS), jnp.float32), jnp.zeros((batch, MAX_LOGPROBS), jnp.int32))
-        values, ids = jax.lax.cond(jnp.any(wanted > 0), top, lambda: none)
+        values, ids = jax.lax.cond(jnp.any(wanted > 0), lambda: top_logprobs(logp), lambda: none)
         return Logprobs(token, ids[:, None], values[:, None])
 
     return jax.lax.cond(jnp.any(wanted >= 0), compute, lambda: Logprobs.empty(batch, 1))

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..model.forward import forward
 from ..model.params import Params
-from .logits import MAX_LOGPROBS, Logprobs
+from .logits import MAX_LOGPROBS, Logprobs, top_logprobs
 from .request import TokenLogprob
 from .shapes import length_bucket, pow2_at_least
 
@@ -37,11 +37,8 @@ def prompt_logprobs_program(params: Params, tokens: jax.Array, lengths: jax.Arra
     logits, _ = forward(params, None, tokens, lengths, all_logits=True)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # [B, T - 1, V]
     token = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    k = min(MAX_LOGPROBS, logp.shape[-1])
     if alternatives:
-        top, ids = jax.lax.top_k(logp, k)
-        pad = ((0, 0), (0, 0), (0, MAX_LOGPROBS - k))
-        top, ids = jnp.pad(top, pad, constant_values=-jnp.inf), jnp.pad(ids, pad)
+        top, ids = top_logprobs(logp)
     else:
         top = jnp.zeros(token.shape + (MAX_LOGPROBS,), jnp.float32)
         ids = jnp.zeros(token.shape + (MAX_LOGPROBS,), jnp.int32)
