@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 _EXPORTS = {
     "ConfigError": "config", "ModelConfig": "config",
     "Params": "model.params", "Llama": "model.modules",
-    "forward": "model.forward", "init_params": "model.forward",
+    "forward": "model.forward", "init_params": "model.forward", "kernels_in_use": "model.attention",
     "swiftkv_off": "model.swiftkv", "to_swiftkv": "model.swiftkv",
     "KVCache": "runtime.cache", "init_cache": "runtime.cache",
     "generate": "runtime.generation",
@@ -30,6 +30,7 @@ if _TYPE_CHECKING:
     from .config import ConfigError, ModelConfig
     from .io.loading import default_model_path, load
     from .io.weights import WeightsError, load_checkpoint, save_checkpoint, save_hf_folder
+    from .model.attention import kernels_in_use
     from .model.forward import forward, init_params
     from .model.modules import Llama
     from .model.params import Params

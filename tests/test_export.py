@@ -123,3 +123,24 @@ def test_decode_attention_lowers_to_each_platforms_kernel():
         *args, out_len=1).mlir_module()
     assert "tpu_custom_call" in tpu and TRITON not in tpu
     assert TRITON in cuda and "tpu_custom_call" not in cuda
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(None, jnp.float32), (None, jnp.bfloat16), (128, jnp.bfloat16)])
+def test_kernels_in_use_names_what_each_platform_lowers_to(head_dim, dtype):
+    """sk.kernels_in_use (what the notebooks print) names a decode kernel for a platform exactly
+    when the engine's decode step lowered for that platform carries it."""
+    cfg = CFG if head_dim is None else sk.ModelConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+        head_dim=head_dim)
+    params = sk.init_params(cfg, jax.random.PRNGKey(0), dtype)
+    cache = sk.init_cache(params, SLOTS, LENGTH, block_size=BLOCK)
+    args = (params, cache, empty_slots(SLOTS, LENGTH, cfg.vocab_size), jnp.arange(SLOTS + 1))
+    allow = [export.DisabledSafetyCheck.custom_call(t) for t in (TRITON, cpu_kernels.PAGED_ATTENTION_TARGET)]
+    kernels = (("cpu", cpu_kernels.PAGED_ATTENTION_TARGET, "native C++ kernel"),
+               ("cuda", TRITON, "Pallas/Triton"), ("tpu", "tpu_custom_call", "Pallas/Mosaic"))
+    for platform, marker, name in kernels:
+        module = export.export(decode_program, platforms=(platform,), disabled_checks=allow)(
+            *args, out_len=1).mlir_module()
+        said = sk.kernels_in_use(params, platform)["decode"]
+        assert said.startswith(name if marker in module else "XLA"), (platform, said)
+

@@ -197,3 +197,29 @@ def _attend_paged_xla(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_
     if t <= tile:
         return query_tile(q, q_pos)
     return _by_query_tiles(query_tile, q, q_pos, tile)  # each query tile with its own key range
+
+
+def kernels_in_use(params: Any, platform: str | None = None) -> dict[str, str]:
+    """Which attention code a model's programs run on `platform` (default: JAX's default backend),
+    in words: decode steps and short chunks over the paged cache, and prefill chunks. The same
+    rules attend_paged applies when a program is lowered (notebooks print this)."""
+    platform = platform or jax.default_backend()
+    cfg = params.config
+    d, dtype = cfg.head_dim, params.dtype
+    xla = "XLA (the pool's blocks gathered tile by tile)"
+    if platform == "cpu":
+        built = cpu_kernels.paged_attention_target() is not None
+        why = (" [the native kernel takes float32 only]" if built else
+               " [no native kernel: no C++ compiler, or SWIFTKV_JAX_CPU_KERNELS=off]")
+        decode = ("native C++ kernel (kernels/paged_attention.cc, reads the pool in place)"
+                  if built and dtype == F32 else xla + why)
+    elif platform in ("gpu", "cuda"):
+        decode = ("Pallas/Triton paged_attention (jax.experimental.pallas.ops.gpu)"
+                  if gpu_kernels.supported(d) else xla + f" [head_dim {d} is not a power of two >= 16]")
+    elif platform == "tpu":
+        decode = ("Pallas/Mosaic paged_attention (jax.experimental.pallas.ops.tpu)"
+                  if tpu_kernels.supported(d) else xla + f" [head_dim {d} is not a multiple of 128]")
+    else:
+        decode = xla
+    return {"platform": platform, "decode": decode,
+            "prefill chunks": f"XLA, {ATTENTION_TILE}-token key tiles with an online softmax"}
