@@ -107,8 +107,10 @@ def apply_rules(logits: jax.Array, rules: LogitRules, history: History, stop_ids
     produced = history.produced + history.recent_len
     early = ((produced < rules.min_tokens) & ~rules.constrained)[:, None]
     stops = jnp.where(early & (stop_ids >= 0), stop_ids, NO_TOKEN)
-    logits = logits.at[rows, stops].set(-jnp.inf, mode="drop")
-    logits = logits.at[rows, rules.bias_ids].add(rules.bias, mode="drop")
+
+    def biased(x: jax.Array) -> jax.Array:
+        x = x.at[rows, stops].set(-jnp.inf, mode="drop")
+        return x.at[rows, rules.bias_ids].add(rules.bias, mode="drop")
 
     def penalised(x: jax.Array) -> jax.Array:
         counts, seen = history.counts(vocab)
@@ -121,7 +123,10 @@ def apply_rules(logits: jax.Array, rules: LogitRules, history: History, stop_ids
         bit = (jnp.take(rules.allowed, token // 32, axis=1) >> (token % 32)) & 1
         return jnp.where(rules.constrained[:, None] & (bit == 0), -jnp.inf, x)
 
+    # Each rule's work only in a step where some row has it (a plain step pays three predicates).
+    any_bias = jnp.any(stops != NO_TOKEN) | jnp.any(rules.bias_ids != NO_TOKEN)
     any_penalty = jnp.any((rules.presence != 0) | (rules.frequency != 0) | (rules.repetition != 1))
+    logits = jax.lax.cond(any_bias, biased, lambda x: x, logits)
     logits = jax.lax.cond(any_penalty, penalised, lambda x: x, logits)
     return jax.lax.cond(jnp.any(rules.constrained), grammar, lambda x: x, logits)
 

@@ -208,6 +208,9 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
         echoes = [p if isinstance(p, str) else tokenizer.decode(p) for p in given] if body.echo else None
+        names = TokenTexts.as_ids if body.return_tokens_as_token_ids else texts
+        logs: dict[int, CompletionLogprobs] = {}  # each choice's, built as its pieces arrive
+
         def choice_logprobs(g: Generation, first: bool, ids: list[int], lps: list) -> dict | None:
             """The logprobs of these tokens, after the prompt's (echo) on a choice's first chunk."""
             if body.logprobs is None:
@@ -221,17 +224,16 @@ def create_app(engine: Engine, tokenizer: Any, *, model_name: str, api_key: str 
             log.add(ids, lps)
             return log.body(mark)
 
-        logs: dict[int, CompletionLogprobs] = {}
-        names = TokenTexts.as_ids if body.return_tokens_as_token_ids else texts
         if body.stream:
+            started: set[int] = set()
+
             def chunk(p: Piece) -> dict:
-                first = p.index not in logs and p.index not in echoed
-                echoed.add(p.index)
+                first = p.index not in started
+                started.add(p.index)
                 prefix = echoes[p.index // per] if body.echo and first else ""
                 lp = choice_logprobs(gens[p.index], first, p.token_ids, p.logprobs)
                 return {"choices": [{"index": p.index, "text": prefix + p.text,
                                      "finish_reason": p.finish_reason, "logprobs": lp}]}
-            echoed: set[int] = set()
             return _sse(head, gens, chunk, body.include_usage(), opening=None)
         got = await _collect(request, gens)
         choices = []
