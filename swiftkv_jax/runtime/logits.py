@@ -16,6 +16,7 @@ temperature / top-k / top-p: vLLM's default).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,15 +49,15 @@ class LogitRules:
     allowed: jax.Array     # [B, mask_words(V)] int32 bitmask
 
     @classmethod
-    def none(cls, batch: int, vocab: int) -> "LogitRules":
-        """B rows asking for nothing (every rule off)."""
-        f32 = lambda v: jnp.full((batch,), v, jnp.float32)
-        return cls(presence=f32(0.0), frequency=f32(0.0), repetition=f32(1.0),
-                   min_tokens=jnp.zeros((batch,), jnp.int32),
-                   bias_ids=jnp.full((batch, MAX_LOGIT_BIAS), NO_TOKEN, jnp.int32),
-                   bias=jnp.zeros((batch, MAX_LOGIT_BIAS), jnp.float32),
-                   logprobs=jnp.full((batch,), -1, jnp.int32), constrained=jnp.zeros((batch,), bool),
-                   allowed=jnp.zeros((batch, mask_words(vocab)), jnp.int32))
+    def none(cls, batch: int, vocab: int, xp: Any = jnp) -> "LogitRules":
+        """B rows asking for nothing (every rule off), as `xp` arrays (numpy for host-side rows)."""
+        full = lambda shape, v, dtype: xp.full(shape, v, dtype)
+        return cls(presence=full(batch, 0.0, xp.float32), frequency=full(batch, 0.0, xp.float32),
+                   repetition=full(batch, 1.0, xp.float32), min_tokens=full(batch, 0, xp.int32),
+                   bias_ids=full((batch, MAX_LOGIT_BIAS), NO_TOKEN, xp.int32),
+                   bias=full((batch, MAX_LOGIT_BIAS), 0.0, xp.float32), logprobs=full(batch, -1, xp.int32),
+                   constrained=full(batch, False, bool),
+                   allowed=full((batch, mask_words(vocab)), 0, xp.int32))
 
     def rows(self, index: jax.Array) -> "LogitRules":
         """The rules of rows `index` [R]; an id past the last row (padding) reads as a row asking

@@ -92,7 +92,7 @@ class Admission:
                    stop_ids=np.full((rows, MAX_STOP_IDS), -1, np.int32),
                    temperature=np.zeros(rows, np.float32), top_k=i32(rows),
                    top_p=np.ones(rows, np.float32), seeds=np.zeros(rows, np.uint32),
-                   rules=jax.tree.map(np.array, LogitRules.none(rows, vocab_size)))
+                   rules=LogitRules.none(rows, vocab_size, xp=np))
 
     def fill(self, row: int, slot: int, prompt: np.ndarray, blocks: int, o: SamplingOptions,
              allowed: np.ndarray | None = None) -> None:
