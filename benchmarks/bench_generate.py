@@ -51,6 +51,7 @@ from common import (  # noqa: E402
     model_matmuls,
     ours_decode,
     ours_prefill,
+    prefill_flops,
     random_prompts,
     read_bandwidth,
 )
@@ -64,19 +65,6 @@ FLOOR_PREFILL_VS_HF = 1.3
 FLOOR_PREFILL_VS_MODEL_MATMULS = 0.80  # of the FLOP rate XLA reaches on the model's own matmuls
 FLOOR_DECODE_VS_BANDWIDTH = 0.85  # batch 1
 FLOOR_DECODE8_VS_HF = 2.0
-
-
-# ----------------------------------------------------------------------------- workload
-
-def prefill_flops(cfg: sk.ModelConfig, length: int) -> float:
-    """Useful FLOPs of a batch-1 prefill of `length` tokens in a dense Llama: all projections and
-    MLPs for every token, causal attention (QK^T and PV over the keys at or before each query),
-    and the LM head for the last token only."""
-    d, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, \
-        cfg.num_kv_heads * cfg.head_dim
-    per_token = 2 * (d * q + 2 * d * kv + q * d + 3 * d * f)
-    attention = 2 * 2 * q * length * (length + 1) / 2
-    return cfg.num_layers * (length * per_token + attention) + 2 * d * cfg.vocab_size
 
 
 # ----------------------------------------------------------------------------- Hugging Face

@@ -171,6 +171,21 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 
 # ----------------------------------------------------------------------------- workload
 
+def prefill_flops(cfg: sk.ModelConfig, length: int) -> float:
+    """Useful FLOPs of a batch-1 prefill of `length` tokens: every token through the projections,
+    MLPs and causal attention (QK^T and PV over the keys at or before each query) of the layers
+    that compute their own K/V (all of them without SwiftKV, [0, L) with it) and, with SwiftKV, the
+    upper groups' K/V projections of h_L; the last token alone through layers [L, N) and the LM head."""
+    d, f, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, \
+        cfg.num_kv_heads * cfg.head_dim
+    per_token = 2 * (d * q + 2 * d * kv + q * d + 3 * d * f)
+    attention = 2 * 2 * q * length * (length + 1) / 2
+    lower, upper = cfg.num_key_value_layers, cfg.num_layers - cfg.num_key_value_layers
+    group_kv = upper // cfg.key_value_group_size * length * 2 * 2 * d * kv
+    last_token = upper * (per_token + 2 * 2 * q * length)
+    return lower * (length * per_token + attention) + group_kv + last_token + 2 * d * cfg.vocab_size
+
+
 def random_prompts(vocab: int, batch: int, length: int, seed: int = SEED) -> np.ndarray:
     """[batch, length] int32 random token ids (fixed seed: HF and ours get the same prompts)."""
     return np.random.default_rng(seed + 1000 * batch + length).integers(

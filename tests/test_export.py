@@ -144,3 +144,16 @@ def test_kernels_in_use_names_what_each_platform_lowers_to(head_dim, dtype):
         said = sk.kernels_in_use(params, platform)["decode"]
         assert said.startswith(name if marker in module else "XLA"), (platform, said)
 
+
+
+@pytest.mark.parametrize("length", [48, 40], ids=["6 blocks a row", "5 blocks a row"])
+def test_the_triton_kernel_lowers_when_a_rows_blocks_are_not_a_power_of_two(length):
+    """Triton takes only power-of-two tensor sizes: with 6 (or 5) blocks a row, the kernel's pages
+    per compute block and k-splits must still be powers of two (the H200 run caught 6 and 3)."""
+    params = sk.init_params(CFG, jax.random.PRNGKey(0), jnp.bfloat16)
+    cache = sk.init_cache(params, SLOTS, length, block_size=BLOCK)
+    args = (params, cache, empty_slots(SLOTS, length, CFG.vocab_size), jnp.arange(SLOTS + 1))
+    allow = [export.DisabledSafetyCheck.custom_call(TRITON)]
+    cuda = export.export(decode_program, platforms=("cuda",), disabled_checks=allow)(
+        *args, out_len=1).mlir_module()
+    assert TRITON in cuda
