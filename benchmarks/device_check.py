@@ -20,7 +20,9 @@ its error and the others still run):
   4. figures on SmolLM2 and on a random Llama-3.1-8B-shaped SwiftKV model (L = 16 of 32):
      prefill tokens/s at 1000 tokens against the matmul rate, decode tokens/s at batch 1, 8, 64
      against the bandwidth limit (weight bytes / read bandwidth, per row at batch 1);
-  5. the engine under prompt-heavy load on the 8B-shaped model, SwiftKV L = 16 vs off: 64
+  5. where the 8B-shaped model's prefill time goes (SwiftKV off): matmuls alone, paged attention
+     alone, the rest;
+  6. the engine under prompt-heavy load on the 8B-shaped model, SwiftKV L = 16 vs off: 64
      requests of 2000 prompt + 250 new tokens, all at once (as Snowflake measures), total tokens/s.
 About 6 minutes on one H200 with an empty compilation cache (2026-12-04: results/device_check_gpu.*),
 most of it compiling the 8B-shaped programs and loading SmolLM2 twice.
@@ -44,6 +46,7 @@ from common import (  # noqa: E402
     RESULTS_DIR,
     log,
     matmul_flops,
+    model_matmuls,
     ours_decode,
     ours_prefill,
     prefill_flops,
@@ -62,7 +65,7 @@ LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, nu
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
             num_kv_heads=2, head_dim=16)
 FLOOR_GREEDY_EQUAL = 7  # of 8 prompts
-SECTIONS = ("kernel", "correctness", "small", "big", "engine")
+SECTIONS = ("kernel", "correctness", "small", "big", "prefill", "engine")
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "Explain what a hash table is in two sentences.", "List three primary colours.",
            "How many legs does a spider have?", "Give me a tip for learning to cook.",
@@ -227,6 +230,32 @@ def figures(name: str, params: sk.Params, ceilings: dict[str, float], s: dict[st
     return out
 
 
+def prefill_breakdown(base: sk.Params, s: dict[str, Any]) -> dict[str, Any]:
+    """Where a prefill's time goes on the plain (SwiftKV off) big model: the whole prefill of
+    `prefill` tokens, the model's matmuls alone on the same rows (common.model_matmuls), and one
+    layer's attention over the paged cache (the path prefill chunks take) times the layers; what
+    is left is norms, RoPE, cache writes and the loop."""
+    from swiftkv_jax.model.attention import attend_paged
+
+    cfg, n, block = base.config, s["prefill"], 16
+    total = ours_prefill(base, n, s["decode_new"], repeats=3).best
+    matmuls, _ = model_matmuls(base, n, 1)
+    rng = np.random.default_rng(4)
+    blocks = -(-n // block)
+    q = jnp.asarray(rng.standard_normal((1, n, cfg.num_heads, cfg.head_dim)), base.dtype)
+    pool = [jnp.asarray(rng.standard_normal((cfg.num_kv_heads, blocks * block, cfg.head_dim)), base.dtype)
+            for _ in range(2)]
+    table, q_pos = jnp.arange(blocks, dtype=jnp.int32)[None], jnp.arange(n, dtype=jnp.int32)[None]
+    one_layer = jax.jit(lambda q, k, v: attend_paged(q, k, v, table, block, q_pos))
+    layer = time_calls(lambda: timed(lambda: one_layer(q, *pool).block_until_ready()), 3).best
+    out = {"tokens": n, "prefill_s": total, "matmuls_s": matmuls, "attention_s": layer * cfg.num_layers}
+    out["other_s"] = total - matmuls - out["attention_s"]
+    log(f"prefill of {n} tokens, SwiftKV off: {total * 1e3:.1f} ms = matmuls {matmuls * 1e3:.1f} + attention "
+        f"{out['attention_s'] * 1e3:.1f} ({cfg.num_layers} layers x {layer * 1e3:.2f}) + other "
+        f"{out['other_s'] * 1e3:.1f} ms")
+    return out
+
+
 def engine_load(base: sk.Params, layers: int, s: dict[str, Any]) -> dict[str, Any]:
     """Total tokens/s of the engine under prompt-heavy load, SwiftKV L = `layers` vs off."""
     rng = np.random.default_rng(1)
@@ -318,6 +347,13 @@ def render(res: dict[str, Any]) -> str:
                    if "prefill_tok_s" in f else "-")
             lines.append(f"| {name} | {pre} | " + " | ".join(cells) + " |")
         lines.append("")
+    if "prefill_s" in res.get("prefill", {}):
+        b = res["prefill"]
+        share = lambda k: f"{b[k] * 1e3:.1f} ms ({b[k] / b['prefill_s']:.0%})"
+        model = res["big_name"].split(" SwiftKV")[0]
+        lines += [f"prefill of {b['tokens']} tokens, {model} with SwiftKV off: "
+                  f"{b['prefill_s'] * 1e3:.1f} ms = matmuls {share('matmuls_s')} + paged attention "
+                  f"{share('attention_s')} + other {share('other_s')}", ""]
     if "ratio" in res.get("engine", {}):
         e = res["engine"]
         load = ", ".join(f"{k} {v:,.2f}x" if k == "ratio" else f"{k} {v:,.0f} tok/s"
@@ -406,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
              "small": lambda: {small_name: figures(small_name, small_model()[0], res["ceilings"], s)},
              "big": lambda: {big_name: figures(big_name, sk.to_swiftkv(big_base(), s["big_layers"], 1),
                                                res["ceilings"], s)},
+             "prefill": lambda: prefill_breakdown(big_base(), s),
              "engine": lambda: engine_load(big_base(), s["big_layers"], s)}
     for name in sections:
         log(f"--- {name}")
