@@ -11,8 +11,9 @@ after every part, so a run stopped early keeps what it finished; a part that fai
 its error and the others still run):
   1. the device's name and measured ceilings: read bandwidth (a jitted sum over 1 GiB) and the
      matmul rate in the run's dtype (bfloat16 on GPU/TPU, float32 on a CPU);
-  2. kernel: the decode attention kernel the platform runs (Pallas/Triton on CUDA, Pallas/Mosaic
-     on TPU, the native kernel on a CPU) against XLA's path on random paged pools, bf16 and f32; if
+  2. kernel: the attention kernels the platform runs (decode: Pallas/Triton on CUDA, Pallas/Mosaic
+     on TPU, the native kernel on a CPU; prefill chunks: our Pallas/Triton kernel on CUDA) against
+     XLA's path on random paged pools, bf16 and f32; if
      it fails or disagrees, the rest of the run falls back to XLA's path (and says so);
   3. correctness: greedy answers of SmolLM2-135M-Instruct (the packaged GGUF) to 8 prompts on the
      device against the same model in float32 on the host CPU (floor: >= 7 of 8 equal); the
@@ -127,11 +128,12 @@ def _compare_kernel(s: dict[str, Any], out: dict[str, Any], ref_fn: Any, ours_fn
                     rng: np.random.Generator) -> None:
     k, rows, per_row, block = s["kernel"], *table.shape, 16
     for dtype, tol in ((jnp.bfloat16, 3e-2), (jnp.float32, 5e-3)):  # f32: TF32 dots on GPUs
-        for t in (1, 4):
+        for t in (1, 4, 64):  # decode rows, a short chunk, a prefill chunk (kernels/gpu_prefill.py on CUDA)
             q = rng.standard_normal((rows, t, k["heads"], k["head_dim"]), np.float32)
             pool = [rng.standard_normal((k["kv_heads"], rows * per_row * block, k["head_dim"]), np.float32)
                     for _ in range(2)]
             last = np.array([15, 16, 17, per_row * block - 1])  # on, at and after a block edge; full
+            last = np.maximum(last, t - 1 + np.array([0, 1, 37, 0]))  # a 64-query chunk after a prefix
             q_pos = (last[:, None] - np.arange(t)[::-1]).astype(np.int32)
             with jax.default_matmul_precision("highest"):
                 ref = np.asarray(ref_fn(q, *pool, table, q_pos))
@@ -297,7 +299,7 @@ def floors(res: dict[str, Any]) -> list[tuple[str, bool]]:
                  same >= FLOOR_GREEDY_EQUAL),
                 engine_floor(res, c)]
     if "ok" in res.get("kernel", {}):
-        out.append(("the decode kernel equals XLA's path", res["kernel"]["ok"]))
+        out.append(("the attention kernels equal XLA's path", res["kernel"]["ok"]))
     if res.get("platform") != "cpu":
         big = res.get("models", {}).get(res.get("big_name", ""), {}).get("decode", {}).get("1")
         if big:
@@ -328,7 +330,7 @@ def render(res: dict[str, Any]) -> str:
              f"command: {res['command']}", ""]
     if "kernel" in res and "ok" in res["kernel"]:
         errs = ", ".join(f"{k} {v['max_abs_error']:.1e}" for k, v in res["kernel"].items() if k != "ok")
-        lines += [f"decode kernel vs XLA's path (max abs error): {errs}", ""]
+        lines += [f"attention kernels vs XLA's path (max abs error): {errs}", ""]
     if "greedy_equal" in res.get("correctness", {}):
         c = res["correctness"]
         lines += [f"greedy equal to float32 on the CPU: {c['greedy_equal']} of {c['prompts']} "

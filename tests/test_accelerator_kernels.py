@@ -13,6 +13,7 @@ from numerics import BF16_EPS
 from test_cpu_kernels import reference
 
 from swiftkv_jax.kernels import gpu as gpu_kernels
+from swiftkv_jax.kernels import gpu_prefill
 from swiftkv_jax.kernels import tpu as tpu_kernels
 
 
@@ -70,3 +71,39 @@ def test_the_kernel_matches_reference_in_interpret_mode(kernel, dtype):
     # (bfloat16 passes) even for float32 inputs, so it is held to bfloat16's tolerance throughout.
     tol = 1e-5 if dtype == np.float32 and name == "gpu" else 4 * BF16_EPS
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
+
+
+# rows, queries per row, heads, kv heads, head dim, block size, blocks per row, each row's first position
+PREFILL_CASES = [
+    dict(b=2, t=40, h=9, kvh=3, d=64, bs=16, nb=12, start=[0, 100]),  # SmolLM2: a first chunk, a later one
+    dict(b=2, t=70, h=4, kvh=1, d=32, bs=8, nb=20, start=[5, 80]),    # MQA, two query tiles, 8-token blocks
+    dict(b=3, t=16, h=4, kvh=4, d=16, bs=32, nb=5, start=[31, 32, 0]),  # MHA, on/after a block edge
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", PREFILL_CASES,
+                         ids=lambda c: f"b{c['b']}t{c['t']}h{c['h']}k{c['kvh']}d{c['d']}")
+def test_the_prefill_kernel_matches_reference_in_interpret_mode(case, dtype):
+    """Our Pallas/Triton prefill-chunk kernel (kernels/gpu_prefill.py) in interpret mode: a chunk of
+    queries over each row's cached prefix and itself, rows sharing prefix blocks, padding queries
+    (-1) inside a tile with real ones, which must come out as zeros."""
+    rng = np.random.default_rng(2)
+    b, t, h, kvh, d, bs, nb = (case[k] for k in ("b", "t", "h", "kvh", "d", "bs", "nb"))
+    assert gpu_prefill.supported(d, bs)
+    pool_blocks = b * nb + 3
+    rounded = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
+    k_pool, v_pool = (rounded(rng.standard_normal((kvh, pool_blocks * bs, d))) for _ in range(2))
+    table = rng.permutation(pool_blocks)[: b * nb].reshape(b, nb).astype(np.int32)
+    table[1, :2] = table[0, :2]  # two rows share a prefix
+    q = rounded(rng.standard_normal((b, t, h, d)))
+    q_pos = (np.asarray(case["start"])[:, None] + np.arange(t)[None, :]).astype(np.int32)
+    q_pos[-1, t - 5:] = -1  # the last row's chunk ends early: padding queries
+    assert q_pos.max() < nb * bs
+    got = gpu_prefill.paged_prefill_attention(*(jnp.asarray(x, dtype) for x in (q, k_pool, v_pool)),
+                                              jnp.asarray(table), jnp.asarray(q_pos), bs, interpret=True)
+    assert got.shape == q.shape and got.dtype == dtype
+    want = reference(q, k_pool, v_pool, table, q_pos, bs)
+    tol = 1e-5 if dtype == np.float32 else 4 * BF16_EPS
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
+    assert not np.asarray(got[-1, t - 5:]).any()

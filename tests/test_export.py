@@ -30,6 +30,9 @@ TRITON = "__gpu$xla.gpu.triton"  # the custom call a Pallas GPU kernel lowers to
 # query per row): lowered for CUDA, they call the Triton kernel.
 WITH_PAGED_KERNEL = {"prefill chunk", "decode loop", "engine decode, 1 step", "engine decode loop",
                      "engine mixed step"}
+# Programs with prefill chunks (16+ queries a row) over the paged cache: lowered for CUDA, they call
+# our Pallas/Triton prefill kernel (kernels/gpu_prefill.py).
+WITH_PREFILL_CHUNKS = {"prefill chunk", "engine mixed step"}
 SLOTS, LENGTH, BLOCK = 4, 64, 8
 
 
@@ -85,6 +88,8 @@ def test_every_program_lowers_for_tpu_and_cuda_without_cpu_custom_calls(dtype, i
             assert cpu_kernels.PAGED_ATTENTION_TARGET not in module, (name, platform)
             assert cpu_kernels.INT8_MATMUL_TARGET not in module, (name, platform)
             assert (TRITON in module) == (platform == "cuda" and name in WITH_PAGED_KERNEL), (name, platform)
+            with_chunks = name in WITH_PREFILL_CHUNKS and platform == "cuda"
+            assert ("paged_prefill_attention" in module) == with_chunks, (name, platform)
 
 
 def test_the_cpu_kernel_is_chosen_when_lowering_for_the_cpu():
@@ -143,6 +148,13 @@ def test_kernels_in_use_names_what_each_platform_lowers_to(head_dim, dtype):
             *args, out_len=1).mlir_module()
         said = sk.kernels_in_use(params, platform)["decode"]
         assert said.startswith(name if marker in module else "XLA"), (platform, said)
+    # Prefill chunks: a plain (not SwiftKV) model's 16-token chunk, block size 16 as the engine's.
+    cache = sk.init_cache(params, SLOTS, LENGTH, block_size=16)
+    chunk = (params, cache, jnp.zeros((SLOTS, 16), jnp.int32), jnp.arange(SLOTS, dtype=jnp.int32))
+    for platform in ("cpu", "cuda", "tpu"):
+        module = export.export(prefill, platforms=(platform,), disabled_checks=allow)(*chunk).mlir_module()
+        said = sk.kernels_in_use(params, platform)["prefill chunks"]
+        assert said.startswith("Pallas/Triton" if "paged_prefill_attention" in module else "XLA"), said
 
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from ..kernels import cpu as cpu_kernels
 from ..kernels import gpu as gpu_kernels
+from ..kernels import gpu_prefill
 from ..kernels import tpu as tpu_kernels
 
 F32 = jnp.float32
@@ -147,24 +148,29 @@ def attend_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table
     differentiable (the trip count is data-dependent); training never runs on a cache. Decode
     steps and short chunks lowered for a CPU run kernels/cpu.py's native kernel instead (float32,
     when it builds), lowered for CUDA the Pallas/Triton kernel of kernels/gpu.py, lowered for a
-    TPU the Pallas/Mosaic kernel of kernels/tpu.py (head_dim a multiple of 128).
+    TPU the Pallas/Mosaic kernel of kernels/tpu.py (head_dim a multiple of 128). Prefill chunks
+    lowered for CUDA run our Pallas/Triton kernel of kernels/gpu_prefill.py.
     """
     _, t, _, d = q.shape
-    if tile is not None or t >= MIN_TILED_QUERIES:
-        return _attend_paged_xla(q, k_pool, v_pool, block_table, q_pos, block_size, tile)
-    # Decode steps and short chunks: a kernel per platform, chosen when the program is lowered
-    # for one (not when it is traced), so a program exported for a GPU or TPU from a CPU host
-    # never carries the CPU's call. XLA's path everywhere else, and as the kernels' reference.
+    xla = lambda *a: _attend_paged_xla(*a, block_size, tile)
     args = (q, k_pool, v_pool, block_table, q_pos)
+    if tile is not None:  # an explicit key tile: XLA's path (tests and benchmarks of it)
+        return xla(*args)
+    # A kernel per platform, chosen when the program is lowered for one (not when it is traced),
+    # so a program exported for a GPU or TPU from a CPU host never carries the CPU's call. XLA's
+    # path everywhere else, and as the kernels' reference.
     kernels: dict[str, Callable[..., jax.Array]] = {}
-    target = cpu_kernels.paged_attention_target()
-    if target is not None and q.dtype == k_pool.dtype == v_pool.dtype == F32:
-        kernels["cpu"] = lambda *a: cpu_kernels.paged_attention(target, *a, block_size)
-    if gpu_kernels.supported(d) and t <= gpu_kernels.MAX_QUERIES:
-        kernels["cuda"] = lambda *a: gpu_kernels.paged_attention(*a, block_size)
-    if tpu_kernels.supported(d) and t <= tpu_kernels.MAX_QUERIES:
-        kernels["tpu"] = lambda *a: tpu_kernels.paged_attention(*a, block_size)
-    xla = lambda *a: _attend_paged_xla(*a, block_size, None)
+    if t >= MIN_TILED_QUERIES:  # prefill chunks
+        if gpu_prefill.supported(d, block_size):
+            kernels["cuda"] = lambda *a: gpu_prefill.paged_prefill_attention(*a, block_size)
+    else:  # decode steps and short chunks
+        target = cpu_kernels.paged_attention_target()
+        if target is not None and q.dtype == k_pool.dtype == v_pool.dtype == F32:
+            kernels["cpu"] = lambda *a: cpu_kernels.paged_attention(target, *a, block_size)
+        if gpu_kernels.supported(d) and t <= gpu_kernels.MAX_QUERIES:
+            kernels["cuda"] = lambda *a: gpu_kernels.paged_attention(*a, block_size)
+        if tpu_kernels.supported(d) and t <= tpu_kernels.MAX_QUERIES:
+            kernels["tpu"] = lambda *a: tpu_kernels.paged_attention(*a, block_size)
     return jax.lax.platform_dependent(*args, default=xla, **kernels) if kernels else xla(*args)
 
 
@@ -221,5 +227,9 @@ def kernels_in_use(params: Any, platform: str | None = None) -> dict[str, str]:
                   if tpu_kernels.supported(d) else xla + f" [head_dim {d} is not a multiple of 128]")
     else:
         decode = xla
-    return {"platform": platform, "decode": decode,
-            "prefill chunks": f"XLA, {ATTENTION_TILE}-token key tiles with an online softmax"}
+    prefill = f"XLA, {ATTENTION_TILE}-token key tiles with an online softmax"
+    if platform in ("gpu", "cuda"):
+        prefill = ("Pallas/Triton paged_prefill_attention (kernels/gpu_prefill.py; cache blocks a power "
+                   "of two <= 64)" if gpu_prefill.supported(d, 16) else prefill + f" [head_dim {d} is not a "
+                   "power of two >= 16]")
+    return {"platform": platform, "decode": decode, "prefill chunks": prefill}
