@@ -271,6 +271,7 @@ def engine_load(base: sk.Params, layers: int, s: dict[str, Any]) -> dict[str, An
                            decode_steps=8)
         options = sk.SamplingOptions(max_tokens=s["load_new"], stop_ids=())
         for run in ("warm-up (compiles what the load needs)", "measured"):
+            steps_before = engine.stats()["steps"]
             engine.start()
             t0 = time.perf_counter()
             handles = [engine.submit(p, options) for p in work]
@@ -278,8 +279,11 @@ def engine_load(base: sk.Params, layers: int, s: dict[str, Any]) -> dict[str, An
             seconds = time.perf_counter() - t0
             engine.stop()
             engine.cache = engine.cache.clear()  # the measured run must not hit the warm-up's prompts
-            log(f"engine {label}, {run}: {seconds:.1f} s")
+            steps = engine.stats()["steps"] - steps_before
+            log(f"engine {label}, {run}: {seconds:.1f} s, {steps} steps "
+                f"({seconds / max(steps, 1) * 1e3:.1f} ms a step)")
         out[label] = (len(work) * s["load_prompt"] + produced) / seconds
+        out[f"{label} steps"] = steps
         log(f"engine {label}: {out[label]:,.0f} total tok/s")
         del engine, params
     out["ratio"] = out[f"L{layers}"] / out["off"]
@@ -358,8 +362,8 @@ def render(res: dict[str, Any]) -> str:
                   f"{share('attention_s')} + other {share('other_s')}", ""]
     if "ratio" in res.get("engine", {}):
         e = res["engine"]
-        load = ", ".join(f"{k} {v:,.2f}x" if k == "ratio" else f"{k} {v:,.0f} tok/s"
-                         for k, v in e.items() if k != "load")
+        load = ", ".join(f"{k} {v:,.2f}x" if k == "ratio" else f"{k} {v:,}" if k.endswith("steps")
+                         else f"{k} {v:,.0f} tok/s" for k, v in e.items() if k != "load")
         lines += [f"engine, {e['load']}: {load}", ""]
     lines += ["floors:"] + [f"  {'PASS' if ok else 'FAIL'}  {name}" for name, ok in floors(res)]
     return "\n".join(lines)
