@@ -32,6 +32,7 @@ most of it compiling the 8B-shaped programs and loading SmolLM2 twice.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -237,7 +238,8 @@ def prefill_breakdown(base: sk.Params, s: dict[str, Any]) -> dict[str, Any]:
     `prefill` tokens, the model's matmuls alone on the same rows (common.model_matmuls), and one
     layer's attention over the paged cache (the path prefill chunks take) times the layers; what
     is left is norms, RoPE, cache writes and the loop."""
-    from swiftkv_jax.model.attention import attend_paged
+    from swiftkv_jax.kernels import gpu_prefill
+    from swiftkv_jax.model.attention import _attend_paged_xla, attend_paged
 
     cfg, n, block = base.config, s["prefill"], 16
     total = ours_prefill(base, n, s["decode_new"], repeats=3).best
@@ -248,10 +250,23 @@ def prefill_breakdown(base: sk.Params, s: dict[str, Any]) -> dict[str, Any]:
     pool = [jnp.asarray(rng.standard_normal((cfg.num_kv_heads, blocks * block, cfg.head_dim)), base.dtype)
             for _ in range(2)]
     table, q_pos = jnp.arange(blocks, dtype=jnp.int32)[None], jnp.arange(n, dtype=jnp.int32)[None]
-    one_layer = jax.jit(lambda q, k, v: attend_paged(q, k, v, table, block, q_pos))
-    layer = time_calls(lambda: timed(lambda: one_layer(q, *pool).block_until_ready()), 3).best
+    layer_time = lambda fn: time_calls(lambda: timed(lambda: fn(q, *pool).block_until_ready()), 3).best
+    layer = layer_time(jax.jit(lambda q, k, v: attend_paged(q, k, v, table, block, q_pos)))
     out = {"tokens": n, "prefill_s": total, "matmuls_s": matmuls, "attention_s": layer * cfg.num_layers}
     out["other_s"] = total - matmuls - out["attention_s"]
+    if jax.default_backend() == "gpu":  # one layer's attention: XLA's path and the kernel's tile sizes
+        variants = {"xla": lambda q, k, v: _attend_paged_xla(q, k, v, table, q_pos, block, None)}
+        for bq, keys in ((64, 64), (128, 64), (64, 128), (128, 128)):
+            variants[f"kernel q{bq} k{keys}"] = functools.partial(
+                gpu_prefill.paged_prefill_attention, block_table=table, q_pos=q_pos, block_size=block,
+                block_q=bq, keys_per_step=keys)
+        out["one_layer_attention_ms"] = {}
+        for name, fn in variants.items():
+            try:
+                out["one_layer_attention_ms"][name] = layer_time(jax.jit(fn)) * 1e3
+            except Exception as e:  # noqa: BLE001 - a tile size Triton refuses is reported, not fatal
+                out["one_layer_attention_ms"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+        log(f"one layer's attention over {n} tokens: {out['one_layer_attention_ms']}")
     log(f"prefill of {n} tokens, SwiftKV off: {total * 1e3:.1f} ms = matmuls {matmuls * 1e3:.1f} + attention "
         f"{out['attention_s'] * 1e3:.1f} ({cfg.num_layers} layers x {layer * 1e3:.2f}) + other "
         f"{out['other_s'] * 1e3:.1f} ms")

@@ -5,7 +5,7 @@ attention over contiguous keys, but none for a chunk of queries over a row's pag
 what every prefill chunk and mixed step runs (XLA's path gathers each key tile's blocks in a
 while loop instead). This kernel reads the blocks in place: one program per (row, query head,
 tile of BLOCK_Q queries) walks that row's block table up to the tile's last position,
-PAGES_PER_STEP blocks a step, with an online softmax and the causal mask by position. A kv head's
+KEYS_PER_STEP keys (whole blocks) a step, with an online softmax and the causal mask by position. A kv head's
 blocks are read once per query head of its group (GQA), which prefill's arithmetic hides.
 """
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 __all__ = ["BLOCK_Q", "paged_prefill_attention", "supported"]
 
 BLOCK_Q = 64  # queries a program attends for (Triton's dot needs >= 16, a power of two)
-KEYS_PER_STEP = 64  # keys one loop step reads: PAGES_PER_STEP blocks of the pool
+KEYS_PER_STEP = 64  # keys one loop step reads (whole blocks of the pool)
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
@@ -63,36 +63,38 @@ def _kernel(q_ref, q_pos_ref, k_pages_ref, v_pages_ref, table_ref, o_ref, *, pag
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)  # padding rows: 0
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_size", "interpret", "block_q", "keys_per_step"))
 def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table: jax.Array,
-                            q_pos: jax.Array, block_size: int, interpret: bool = False) -> jax.Array:
+                            q_pos: jax.Array, block_size: int, interpret: bool = False,
+                            block_q: int = BLOCK_Q, keys_per_step: int = KEYS_PER_STEP) -> jax.Array:
     """attention.attend_paged's contract (q [B, T, H, h] -> [B, T, H, h]; query t of row b sees the
-    keys at positions <= q_pos[b, t] of b's blocks; -1 marks a padding query) on the kernel."""
+    keys at positions <= q_pos[b, t] of b's blocks; -1 marks a padding query) on the kernel.
+    `block_q` / `keys_per_step` (powers of two >= 16) are the tile sizes (device_check times a few)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     b, t, h, d = q.shape
     kv_heads = k_pool.shape[0]
     group = h // kv_heads
-    pages_per_step = KEYS_PER_STEP // block_size
-    tiles = -(-t // BLOCK_Q)
+    pages_per_step = keys_per_step // block_size
+    tiles = -(-t // block_q)
     per_row = -(-block_table.shape[1] // pages_per_step) * pages_per_step  # whole steps (block 0 pads)
     table = jnp.pad(block_table, ((0, 0), (0, per_row - block_table.shape[1])))
-    qh = jnp.pad((q * d**-0.5).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, tiles * BLOCK_Q - t), (0, 0)))
-    pos = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (0, tiles * BLOCK_Q - t)), constant_values=-1)
+    qh = jnp.pad((q * d**-0.5).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, tiles * block_q - t), (0, 0)))
+    pos = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (0, tiles * block_q - t)), constant_values=-1)
     pages = lambda pool: pool.reshape(kv_heads, -1, block_size, d)
     n_pages = k_pool.shape[1] // block_size
     out = pl.pallas_call(
         functools.partial(_kernel, pages_per_step=pages_per_step),
         grid=(b, h, tiles),
         in_specs=[
-            pl.BlockSpec((None, None, BLOCK_Q, d), lambda r, hd, i: (r, hd, i, 0)),  # q
-            pl.BlockSpec((None, BLOCK_Q), lambda r, hd, i: (r, i)),  # q_pos
+            pl.BlockSpec((None, None, block_q, d), lambda r, hd, i: (r, hd, i, 0)),  # q
+            pl.BlockSpec((None, block_q), lambda r, hd, i: (r, i)),  # q_pos
             pl.BlockSpec((None, n_pages, block_size, d), lambda r, hd, i: (hd // group, 0, 0, 0)),  # k
             pl.BlockSpec((None, n_pages, block_size, d), lambda r, hd, i: (hd // group, 0, 0, 0)),  # v
             pl.BlockSpec((None, per_row), lambda r, hd, i: (r, 0)),  # the row's block table
         ],
-        out_specs=pl.BlockSpec((None, None, BLOCK_Q, d), lambda r, hd, i: (r, hd, i, 0)),
+        out_specs=pl.BlockSpec((None, None, block_q, d), lambda r, hd, i: (r, hd, i, 0)),
         out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
