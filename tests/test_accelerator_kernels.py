@@ -107,3 +107,47 @@ def test_the_prefill_kernel_matches_reference_in_interpret_mode(case, dtype):
     tol = 1e-5 if dtype == np.float32 else 4 * BF16_EPS
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
     assert not np.asarray(got[-1, t - 5:]).any()
+
+
+def test_the_engine_on_the_gpu_kernels_answers_as_on_xlas_path(monkeypatch):
+    """Every paged attention the engine runs (prefill chunks over a cached prefix, mixed steps,
+    decode rows, a SwiftKV model's upper layers, padding rows) on the two CUDA kernels in interpret
+    mode, as the programs take them when lowered for a GPU: the same greedy answers as on the
+    CPU's own path. Catches a contract the kernels' own tests do not see (the engine's padding
+    rows, its tables and positions)."""
+    import functools
+
+    import jax
+
+    import swiftkv_jax as sk
+
+    cfg = sk.ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
+                         num_kv_heads=2, head_dim=16)
+    # SwiftKV L = 2 of 4: the lower layers take the prefill kernel, the upper ones (a prompt's last
+    # token) and decode rows the decode kernel
+    params = sk.to_swiftkv(sk.init_params(cfg, jax.random.PRNGKey(3), jnp.float32), 2, 1)
+    rng = np.random.default_rng(5)
+    shared = rng.integers(3, 256, 40).tolist()  # a prefix two prompts share (a prefix-cache hit)
+    work = [shared + rng.integers(3, 256, 9).tolist(), shared + rng.integers(3, 256, 30).tolist(),
+            rng.integers(3, 256, 70).tolist(), rng.integers(3, 256, 5).tolist()]
+
+    def answers(params):
+        engine = sk.Engine(params, max_slots=4, max_length=128, chunk_size=32, decode_steps=4)
+        handles = [engine.submit(p, sk.SamplingOptions(max_tokens=12, stop_ids=())) for p in work]
+        out = [h.result() for h in handles]
+        engine.stop()
+        return out
+
+    expected = answers(params)
+    on_cuda = lambda *args, default, **kernels: (kernels.get("cuda") or default)(*args)
+    monkeypatch.setattr(jax.lax, "platform_dependent", on_cuda)
+    monkeypatch.setattr(gpu_kernels, "paged_attention", functools.partial(gpu_kernels.paged_attention,
+                                                                          interpret=True))
+    monkeypatch.setattr(gpu_prefill, "paged_prefill_attention",
+                        functools.partial(gpu_prefill.paged_prefill_attention, interpret=True))
+    jax.clear_caches()  # the engine's programs were traced on the CPU's path: trace them again
+    try:
+        assert answers(params) == expected
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()  # nothing traced on the kernels outlives this test
