@@ -21,12 +21,13 @@ Run: PYTHONPATH=. .venv/bin/python benchmarks/swiftkv_curve.py   (4 points x ~45
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -49,8 +50,12 @@ def train(layers: int, args: argparse.Namespace) -> Path:
     return out
 
 
-def speed(layers: list[int], args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """TTFT at 1000 tokens and engine total tokens/s per L (and "off")."""
+def speed(layers: list[int], args: argparse.Namespace, save: Callable[[dict[str, Any]], None]
+          ) -> dict[str, dict[str, float]]:
+    """TTFT at 1000 tokens and engine total tokens/s per L (and "off"); `save` gets the figures so
+    far after each configuration."""
+    import jax
+
     import swiftkv_jax as sk
     from swiftkv_jax.compile_cache import enable_compilation_cache
 
@@ -85,7 +90,12 @@ def speed(layers: list[int], args: argparse.Namespace) -> dict[str, dict[str, fl
             engine.cache = engine.cache.clear()
         out[name] = {"ttft_s": min(ttft), "engine_tok_s": rate}
         log(f"speed {name}: TTFT {min(ttft) * 1000:.0f} ms, engine {rate:.0f} total tokens/s")
-        del engine
+        save(out)
+        del engine, params, cache
+        # Five engines' executables in one process ran the CPU out of mapped memory ("LLVM ERROR:
+        # Unable to allocate section memory", 2026-12-04): drop each configuration's programs.
+        jax.clear_caches()
+        gc.collect()
     return out
 
 
@@ -160,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             train(L, args)
     speed_file = args.work / "speed.json"
     if args.phase in ("all", "speed"):
-        speed_file.write_text(json.dumps(speed(args.layers, args), indent=1))
+        speed(args.layers, args, lambda got: speed_file.write_text(json.dumps(got, indent=1)))
     if args.phase in ("all", "report"):
         res = {"cpu": cpu_name(), "steps": args.steps, "layers": args.layers,
                "points": report(args.layers, args, json.loads(speed_file.read_text()))}
