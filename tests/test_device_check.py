@@ -22,7 +22,7 @@ def test_the_device_check_runs_at_tiny_sizes(tmp_path):
     for figures in res["models"].values():
         assert figures["prefill_tok_s"] > 0 and all(d["tok_s"] > 0 for d in figures["decode"].values())
     assert res["engine"]["L2"] > 0 and res["engine"]["off"] > 0
-    assert res["prefill"]["prefill_s"] > 0 and res["prefill"]["matmuls_s"] > 0 and res["prefill"]["attention_s"] > 0
+    assert all(res["prefill"][k] > 0 for k in ("prefill_s", "matmuls_s", "attention_s"))
     table = (tmp_path / "device_check_cpu_tiny.txt").read_text()
     assert "greedy equal to float32 on the CPU: 8 of 8" in table
 

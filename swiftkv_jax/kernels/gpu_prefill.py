@@ -5,8 +5,8 @@ attention over contiguous keys, but none for a chunk of queries over a row's pag
 what every prefill chunk and mixed step runs (XLA's path gathers each key tile's blocks in a
 while loop instead). This kernel reads the blocks in place: one program per (row, query head,
 tile of BLOCK_Q queries) walks that row's block table up to the tile's last position,
-KEYS_PER_STEP keys (whole blocks) a step, with an online softmax and the causal mask by position. A kv head's
-blocks are read once per query head of its group (GQA), which prefill's arithmetic hides.
+KEYS_PER_STEP keys (whole blocks) a step, with an online softmax and the causal mask by position.
+A kv head's blocks are read once per query head of its group (GQA), which prefill's arithmetic hides.
 """
 
 from __future__ import annotations
