@@ -102,8 +102,6 @@ def check_kernel(s: dict[str, Any]) -> dict[str, Any]:
     """The platform's decode attention (attend_paged, kernel chosen at lowering) against XLA's path
     at float32 'highest' precision, on random paged pools: shuffled blocks, 1 and 4 queries per row,
     positions on and after block edges. Falls back to XLA's path for the run if it disagrees."""
-    from swiftkv_jax.kernels import gpu as gpu_kernels
-    from swiftkv_jax.kernels import tpu as tpu_kernels
     from swiftkv_jax.model.attention import _attend_paged_xla, attend_paged
 
     rows, per_row, block = 4, 8, 16
@@ -115,14 +113,21 @@ def check_kernel(s: dict[str, Any]) -> dict[str, Any]:
     try:
         _compare_kernel(s, out, ref_fn, ours_fn, table, rng)
     except Exception:
-        log("the decode kernel failed: the rest of this run uses XLA's path")
-        gpu_kernels.supported = tpu_kernels.supported = lambda head_dim: False
+        _use_xla_path("failed")
         raise
     out["ok"] = all(v["ok"] for v in out.values())
     if not out["ok"]:
-        log("the decode kernel disagrees with XLA's path: the rest of this run uses XLA's path")
-        gpu_kernels.supported = tpu_kernels.supported = lambda head_dim: False
+        _use_xla_path("disagrees with XLA's path")
     return out
+
+
+def _use_xla_path(why: str) -> None:
+    """Switches every accelerator attention kernel off for the rest of the run."""
+    from swiftkv_jax.kernels import gpu, gpu_prefill, tpu
+
+    log(f"an attention kernel {why}: the rest of this run uses XLA's path")
+    gpu.supported = tpu.supported = lambda head_dim: False
+    gpu_prefill.supported = lambda head_dim, block_size: False
 
 
 def _compare_kernel(s: dict[str, Any], out: dict[str, Any], ref_fn: Any, ours_fn: Any, table: np.ndarray,

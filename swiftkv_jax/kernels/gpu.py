@@ -5,9 +5,8 @@ says how our layout maps onto it)."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
-from .pallas_paged import MAX_QUERIES, one_query_per_row
+from .pallas_paged import MAX_QUERIES, one_query_per_row, pad_blocks
 
 __all__ = ["MAX_QUERIES", "paged_attention", "supported"]
 
@@ -25,13 +24,12 @@ def paged_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_ta
     """attention.attend_paged's contract (q [B, T, H, h] -> [B, T, H, h]) on the Triton kernel."""
     from jax.experimental.pallas.ops.gpu import paged_attention as pallas_gpu
 
-    # Triton takes power-of-two tensor sizes only, so the table is padded (with block 0: the kernel
-    # masks and skips pages past a row's length) to 8 pages per compute block and a power-of-two
-    # number of splits (up to 16) that the blocks divide: 141 blocks a row (2256 tokens) -> 256.
+    # Triton takes power-of-two tensor sizes only, so the table is padded to 8 pages per compute
+    # block and a power-of-two number of splits (up to 16) that the blocks divide: 141 blocks a
+    # row (2256 tokens) -> 256.
     compute_blocks = -(-block_table.shape[1] // PAGES_PER_COMPUTE_BLOCK)
     k_splits = min(MAX_K_SPLITS, 1 << (compute_blocks - 1).bit_length())
-    padded = -(-compute_blocks // k_splits) * k_splits * PAGES_PER_COMPUTE_BLOCK
-    block_table = jnp.pad(block_table, ((0, 0), (0, padded - block_table.shape[1])))
+    block_table = pad_blocks(block_table, k_splits * PAGES_PER_COMPUTE_BLOCK)
 
     def kernel(q, k_pages, v_pages, lengths, tables):
         return pallas_gpu.paged_attention(q, k_pages, v_pages, tables, lengths, block_h=16,

@@ -16,6 +16,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from .pallas_paged import pad_blocks
+
 __all__ = ["BLOCK_Q", "paged_prefill_attention", "supported"]
 
 BLOCK_Q = 64  # queries a program attends for (Triton's dot needs >= 16, a power of two)
@@ -78,8 +80,8 @@ def paged_prefill_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, 
     group = h // kv_heads
     pages_per_step = keys_per_step // block_size
     tiles = -(-t // block_q)
-    per_row = -(-block_table.shape[1] // pages_per_step) * pages_per_step  # whole steps (block 0 pads)
-    table = jnp.pad(block_table, ((0, 0), (0, per_row - block_table.shape[1])))
+    table = pad_blocks(block_table, pages_per_step)  # whole steps
+    per_row = table.shape[1]
     qh = jnp.pad((q * d**-0.5).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, tiles * block_q - t), (0, 0)))
     pos = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (0, tiles * block_q - t)), constant_values=-1)
     pages = lambda pool: pool.reshape(kv_heads, -1, block_size, d)

@@ -22,6 +22,13 @@ def largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
+def pad_blocks(block_table: jax.Array, multiple: int) -> jax.Array:
+    """The table's columns padded with block 0 to a multiple of `multiple` (the kernels step over
+    whole groups of blocks; they mask and skip blocks past a row's last position)."""
+    padded = -(-block_table.shape[1] // multiple) * multiple
+    return jnp.pad(block_table, ((0, 0), (0, padded - block_table.shape[1])))
+
+
 def one_query_per_row(kernel: PagedKernel, q: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
                       block_table: jax.Array, q_pos: jax.Array, block_size: int) -> jax.Array:
     """attention.attend_paged's contract (q [B, T, H, h] -> [B, T, H, h]) on such a kernel."""
