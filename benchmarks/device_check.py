@@ -12,7 +12,8 @@ its error and the others still run):
   1. the device's name and measured ceilings: read bandwidth (a jitted sum over 1 GiB) and the
      matmul rate in the run's dtype (bfloat16 on GPU/TPU, float32 on a CPU);
   2. kernel: the attention kernels the platform runs (decode: Pallas/Triton on CUDA, Pallas/Mosaic
-     on TPU, the native kernel on a CPU; prefill chunks: our Pallas/Triton kernel on CUDA) against
+     on TPU, the native kernel on a CPU; prefill chunks: our Pallas/Triton kernel on CUDA, our
+     Pallas/Mosaic kernel on TPU) against
      XLA's path on random paged pools, bf16 and f32; if
      it fails or disagrees, the rest of the run falls back to XLA's path (and says so);
   3. correctness: greedy answers of SmolLM2-135M-Instruct (the packaged GGUF) to 8 prompts on the
@@ -123,11 +124,11 @@ def check_kernel(s: dict[str, Any]) -> dict[str, Any]:
 
 def _use_xla_path(why: str) -> None:
     """Switches every accelerator attention kernel off for the rest of the run."""
-    from swiftkv_jax.kernels import gpu, gpu_prefill, tpu
+    from swiftkv_jax.kernels import gpu, gpu_prefill, tpu, tpu_prefill
 
     log(f"an attention kernel {why}: the rest of this run uses XLA's path")
     gpu.supported = tpu.supported = lambda head_dim: False
-    gpu_prefill.supported = lambda head_dim, block_size: False
+    gpu_prefill.supported = tpu_prefill.supported = lambda head_dim, block_size: False
 
 
 def _compare_kernel(s: dict[str, Any], out: dict[str, Any], ref_fn: Any, ours_fn: Any, table: np.ndarray,
@@ -243,7 +244,7 @@ def prefill_breakdown(base: sk.Params, s: dict[str, Any]) -> dict[str, Any]:
     `prefill` tokens, the model's matmuls alone on the same rows (common.model_matmuls), and one
     layer's attention over the paged cache (the path prefill chunks take) times the layers; what
     is left is norms, RoPE, cache writes and the loop."""
-    from swiftkv_jax.kernels import gpu_prefill
+    from swiftkv_jax.kernels import gpu_prefill, tpu_prefill
     from swiftkv_jax.model.attention import _attend_paged_xla, attend_paged
 
     cfg, n, block = base.config, s["prefill"], 16
@@ -259,17 +260,22 @@ def prefill_breakdown(base: sk.Params, s: dict[str, Any]) -> dict[str, Any]:
     layer = layer_time(jax.jit(lambda q, k, v: attend_paged(q, k, v, table, block, q_pos)))
     out = {"tokens": n, "prefill_s": total, "matmuls_s": matmuls, "attention_s": layer * cfg.num_layers}
     out["other_s"] = total - matmuls - out["attention_s"]
-    if jax.default_backend() == "gpu":  # one layer's attention: XLA's path and the kernel's tile sizes
+    if jax.default_backend() in ("gpu", "tpu"):  # one layer's attention: XLA's path, the kernel's tiles
         variants = {"xla": lambda q, k, v: _attend_paged_xla(q, k, v, table, q_pos, block, None)}
-        for bq, keys in ((64, 64), (128, 64), (64, 128), (128, 128)):
-            variants[f"kernel q{bq} k{keys}"] = functools.partial(
-                gpu_prefill.paged_prefill_attention, block_table=table, q_pos=q_pos, block_size=block,
-                block_q=bq, keys_per_step=keys)
+        common = dict(block_table=table, q_pos=q_pos, block_size=block)
+        if jax.default_backend() == "gpu":
+            for bq, keys in ((64, 64), (128, 64), (64, 128), (128, 128)):
+                variants[f"kernel q{bq} k{keys}"] = functools.partial(
+                    gpu_prefill.paged_prefill_attention, block_q=bq, keys_per_step=keys, **common)
+        else:
+            for bq in (128, 256, 512):
+                variants[f"kernel q{bq}"] = functools.partial(tpu_prefill.paged_chunk_attention, block_q=bq,
+                                                              **common)
         out["one_layer_attention_ms"] = {}
         for name, fn in variants.items():
             try:
                 out["one_layer_attention_ms"][name] = layer_time(jax.jit(fn)) * 1e3
-            except Exception as e:  # noqa: BLE001 - a tile size Triton refuses is reported, not fatal
+            except Exception as e:  # noqa: BLE001 - a tile size the compiler refuses is reported, not fatal
                 out["one_layer_attention_ms"][name] = f"{type(e).__name__}: {str(e)[:200]}"
         log(f"one layer's attention over {n} tokens: {out['one_layer_attention_ms']}")
     log(f"prefill of {n} tokens, SwiftKV off: {total * 1e3:.1f} ms = matmuls {matmuls * 1e3:.1f} + attention "

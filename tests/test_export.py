@@ -1,8 +1,10 @@
 """Every program generate() and the engine run lowers for TPU and CUDA from this CPU host
 (jax.export, which lowers for a platform the machine does not have), in float32 and bfloat16,
 with no CPU-only custom call in it: attention kernels are chosen when a program is lowered for a
-platform, not when it is traced on one. Lowered for CUDA, decode attention is the Pallas/Triton
-kernel (kernels/gpu.py); for TPU it is still XLA's path."""
+platform, not when it is traced on one. Lowered for CUDA, paged attention is the Pallas/Triton
+kernels (kernels/gpu.py for decode rows, kernels/gpu_prefill.py for prefill chunks); lowered for a
+TPU, JAX's Mosaic decode kernel (kernels/tpu.py, head_dim 128k) or our Mosaic kernel
+(kernels/tpu_prefill.py: prefill chunks, and decode rows at other head dims)."""
 
 from __future__ import annotations
 
@@ -90,6 +92,9 @@ def test_every_program_lowers_for_tpu_and_cuda_without_cpu_custom_calls(dtype, i
             assert (TRITON in module) == (platform == "cuda" and name in WITH_PAGED_KERNEL), (name, platform)
             with_chunks = name in WITH_PREFILL_CHUNKS and platform == "cuda"
             assert ("paged_prefill_attention" in module) == with_chunks, (name, platform)
+            # TPU at this head_dim (16): our Mosaic kernel for every paged attention
+            on_tpu = platform == "tpu" and name in WITH_PAGED_KERNEL | WITH_PREFILL_CHUNKS
+            assert ("paged_chunk_attention" in module) == on_tpu, (name, platform)
 
 
 def test_the_cpu_kernel_is_chosen_when_lowering_for_the_cpu():
@@ -127,6 +132,7 @@ def test_decode_attention_lowers_to_each_platforms_kernel():
     cuda = export.export(decode_program, platforms=("cuda",), disabled_checks=allow)(
         *args, out_len=1).mlir_module()
     assert "tpu_custom_call" in tpu and TRITON not in tpu
+    assert "paged_chunk_attention" not in tpu  # JAX's own kernel where it lowers
     assert TRITON in cuda and "tpu_custom_call" not in cuda
 
 
@@ -151,10 +157,13 @@ def test_kernels_in_use_names_what_each_platform_lowers_to(head_dim, dtype):
     # Prefill chunks: a plain (not SwiftKV) model's 16-token chunk, block size 16 as the engine's.
     cache = sk.init_cache(params, SLOTS, LENGTH, block_size=16)
     chunk = (params, cache, jnp.zeros((SLOTS, 16), jnp.int32), jnp.arange(SLOTS, dtype=jnp.int32))
+    ours = {"cuda": ("paged_prefill_attention", "Pallas/Triton"),
+            "tpu": ("paged_chunk_attention", "Pallas/Mosaic")}
     for platform in ("cpu", "cuda", "tpu"):
         module = export.export(prefill, platforms=(platform,), disabled_checks=allow)(*chunk).mlir_module()
         said = sk.kernels_in_use(params, platform)["prefill chunks"]
-        assert said.startswith("Pallas/Triton" if "paged_prefill_attention" in module else "XLA"), said
+        marker, name = ours.get(platform, (None, "XLA"))
+        assert said.startswith(name if marker and marker in module else "XLA"), said
 
 
 

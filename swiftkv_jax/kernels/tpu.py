@@ -1,8 +1,7 @@
 """Paged attention on TPUs: the Pallas (Mosaic) kernel JAX ships,
 `jax.experimental.pallas.ops.tpu.paged_attention`, over our pools as they are (pallas_paged.py
 says how our layout maps onto it). Its TPU lowering needs head_dim a multiple of 128
-(Llama-3.1-8B's 128; SmolLM2's 64 would need the pools stored padded to 128, so XLA's path
-serves it)."""
+(Llama-3.1-8B's 128); other head dims (SmolLM2's 64) take our own kernel, tpu_prefill.py."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from ..kernels import cpu as cpu_kernels
 from ..kernels import gpu as gpu_kernels
-from ..kernels import gpu_prefill
+from ..kernels import gpu_prefill, tpu_prefill
 from ..kernels import tpu as tpu_kernels
 
 F32 = jnp.float32
@@ -148,8 +148,9 @@ def attend_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table
     differentiable (the trip count is data-dependent); training never runs on a cache. Decode
     steps and short chunks lowered for a CPU run kernels/cpu.py's native kernel instead (float32,
     when it builds), lowered for CUDA the Pallas/Triton kernel of kernels/gpu.py, lowered for a
-    TPU the Pallas/Mosaic kernel of kernels/tpu.py (head_dim a multiple of 128). Prefill chunks
-    lowered for CUDA run our Pallas/Triton kernel of kernels/gpu_prefill.py.
+    TPU the Pallas/Mosaic kernel of kernels/tpu.py (head_dim a multiple of 128; other head dims our
+    Mosaic kernel of kernels/tpu_prefill.py). Prefill chunks lowered for CUDA run our Pallas/Triton
+    kernel of kernels/gpu_prefill.py, lowered for a TPU our Mosaic kernel of kernels/tpu_prefill.py.
     """
     _, t, _, d = q.shape
     xla = lambda *a: _attend_paged_xla(*a, block_size, tile)
@@ -160,9 +161,12 @@ def attend_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table
     # so a program exported for a GPU or TPU from a CPU host never carries the CPU's call. XLA's
     # path everywhere else, and as the kernels' reference.
     kernels: dict[str, Callable[..., jax.Array]] = {}
+    tpu_chunks = lambda *a: tpu_prefill.paged_chunk_attention(*a, block_size)
     if t >= MIN_TILED_QUERIES:  # prefill chunks
         if gpu_prefill.supported(d, block_size):
             kernels["cuda"] = lambda *a: gpu_prefill.paged_prefill_attention(*a, block_size)
+        if tpu_prefill.supported(d, block_size):
+            kernels["tpu"] = tpu_chunks
     else:  # decode steps and short chunks
         target = cpu_kernels.paged_attention_target()
         if target is not None and q.dtype == k_pool.dtype == v_pool.dtype == F32:
@@ -171,6 +175,8 @@ def attend_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, block_table
             kernels["cuda"] = lambda *a: gpu_kernels.paged_attention(*a, block_size)
         if tpu_kernels.supported(d) and t <= tpu_kernels.MAX_QUERIES:
             kernels["tpu"] = lambda *a: tpu_kernels.paged_attention(*a, block_size)
+        elif tpu_prefill.supported(d, block_size):  # JAX's kernel wants head_dim 128k: ours
+            kernels["tpu"] = tpu_chunks
     return jax.lax.platform_dependent(*args, default=xla, **kernels) if kernels else xla(*args)
 
 
@@ -213,6 +219,7 @@ def kernels_in_use(params: Any, platform: str | None = None) -> dict[str, str]:
     cfg = params.config
     d, dtype = cfg.head_dim, params.dtype
     xla = "XLA (the pool's blocks gathered tile by tile)"
+    ours_on_tpu = "Pallas/Mosaic paged_chunk_attention (kernels/tpu_prefill.py)"
     if platform == "cpu":
         built = cpu_kernels.paged_attention_target() is not None
         why = (" [the native kernel takes float32 only]" if built else
@@ -224,7 +231,8 @@ def kernels_in_use(params: Any, platform: str | None = None) -> dict[str, str]:
                   if gpu_kernels.supported(d) else xla + f" [head_dim {d} is not a power of two >= 16]")
     elif platform == "tpu":
         decode = ("Pallas/Mosaic paged_attention (jax.experimental.pallas.ops.tpu)"
-                  if tpu_kernels.supported(d) else xla + f" [head_dim {d} is not a multiple of 128]")
+                  if tpu_kernels.supported(d) else ours_on_tpu if tpu_prefill.supported(d, 16)
+                  else xla + f" [head_dim {d}: no TPU kernel]")
     else:
         decode = xla
     prefill = f"XLA, {ATTENTION_TILE}-token key tiles with an online softmax"
@@ -232,4 +240,6 @@ def kernels_in_use(params: Any, platform: str | None = None) -> dict[str, str]:
         prefill = ("Pallas/Triton paged_prefill_attention (kernels/gpu_prefill.py; cache blocks a power "
                    "of two <= 64)" if gpu_prefill.supported(d, 16) else prefill + f" [head_dim {d} is not a "
                    "power of two >= 16]")
+    elif platform == "tpu":
+        prefill = ours_on_tpu if tpu_prefill.supported(d, 16) else prefill + f" [head_dim {d}: no TPU kernel]"
     return {"platform": platform, "decode": decode, "prefill chunks": prefill}
