@@ -26,6 +26,17 @@ def dequantised_f64(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return (values.astype(np.float64).reshape(n, blocks, k // blocks) * scales[:, :, None]).reshape(n, k)
 
 
+def rows_quantised_f64(x: np.ndarray, block: int = 32) -> np.ndarray:
+    """x [R, K] as the VNNI path sees it: per block of 32 inputs, round(x * 127 / max|x|) (float32
+    arithmetic, ties to even) times max|x| / 127, in float64."""
+    r, k = x.shape
+    blocks = x.reshape(r, k // block, block)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(blocks * inv), -127, 127)
+    return (q.astype(np.float64) * (amax / np.float32(127)).astype(np.float32)).reshape(r, k)
+
+
 # rows, inputs K, outputs N, scales per output
 KERNEL_CASES = [
     (1, 576, 192, 18),   # decode at batch 1, SmolLM2's k_proj, blocks of 32 (the vector path)
@@ -35,6 +46,8 @@ KERNEL_CASES = [
     (16, 40, 8, 5),      # blocks of 8 inputs, the most rows the kernel takes
     (5, 36, 12, 3),      # blocks of 12 (not a multiple of 8) and K not a multiple of 8
     (4, 24, 7, 1),       # one scale per output
+    (11, 128, 9, 2),     # blocks of 64; 8 + 3 rows, an odd number of outputs (VNNI: tails)
+    (16, 192, 33, 1),    # one scale per output over 192 inputs (VNNI: 3 chunks of 64)
 ]
 
 
@@ -43,42 +56,64 @@ def target():
     return built_kernel(cpu_kernels.int8_matmul_target())
 
 
-@pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
+def vnni_applies(k: int, blocks: int) -> bool:
+    return cpu_kernels.int8_vnni() and k % 64 == 0 and (k // blocks) % 32 == 0
+
+
+@pytest.mark.parametrize("path", ["best", "float", "scalar"])
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "r{}k{}n{}b{}".format(*c))
-def test_kernel_matches_float64_reference(target, case, scalar):
+def test_kernel_matches_float64_reference(target, case, path):
+    """Each path against float64 NumPy: the float ones against x @ dequantised(w).T; the VNNI one
+    (path "best" where the CPU has it) against the same product of x quantised per 32 inputs, and
+    within that quantisation's error of the float product."""
     rows, k, n, blocks = case
     rng = np.random.default_rng(rows * 1000 + k)
     x = rng.standard_normal((rows, k), dtype=np.float32)
+    x[0, :32] *= 20.0  # an outlier block: its own scale must not flatten the others
     values = rng.integers(-127, 128, (n, k)).astype(np.int8)
     scales = rng.uniform(1e-3, 2e-2, (n, blocks)).astype(np.float32)
-    got = cpu_kernels.int8_matmul(target, jnp.asarray(x), jnp.asarray(values), jnp.asarray(scales), scalar)
-    want = x.astype(np.float64) @ dequantised_f64(values, scales).T
-    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    got = np.asarray(cpu_kernels.int8_matmul(target, jnp.asarray(x), jnp.asarray(values), jnp.asarray(scales),
+                                             path))
+    w = dequantised_f64(values, scales)
+    exact = x.astype(np.float64) @ w.T
+    quantised = path == "best" and vnni_applies(k, blocks)
+    want = rows_quantised_f64(x) @ w.T if quantised else exact
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    if quantised:  # and the activations' rounding (<= half a step a block) is all that moved it
+        step = np.abs(x.reshape(rows, k // 32, 32)).max(-1) / 127
+        bound = (np.repeat(step / 2, 32, axis=1) @ np.abs(w).T) * 1.001
+        assert (np.abs(got - exact) <= bound).all()
+        assert np.abs(got - exact).max() > 0  # it did quantise
 
 
-@pytest.mark.parametrize("scalar", [False, True], ids=["vector", "scalar"])
-def test_one_call_for_several_weights(target, scalar):
+@pytest.mark.parametrize("path", ["best", "float", "scalar"])
+def test_one_call_for_several_weights(target, path):
     """q/k/v-like weights of different widths and blocks in one kernel call, each = its reference."""
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((3, 64), dtype=np.float32)
-    weights = [(rng.integers(-127, 128, (n, 64)).astype(np.int8),
-                rng.uniform(1e-3, 2e-2, (n, b)).astype(np.float32)) for n, b in ((40, 2), (8, 1), (13, 8))]
+    x = rng.standard_normal((3, 128), dtype=np.float32)
+    weights = [(rng.integers(-127, 128, (n, 128)).astype(np.int8),
+                rng.uniform(1e-3, 2e-2, (n, b)).astype(np.float32)) for n, b in ((40, 4), (8, 1), (13, 2))]
     got = cpu_kernels.int8_matmuls(target, jnp.asarray(x), [tuple(map(jnp.asarray, w)) for w in weights],
-                                   scalar)
+                                   path)
+    xs = rows_quantised_f64(x) if path == "best" and cpu_kernels.int8_vnni() else x.astype(np.float64)
     for y, (values, scales) in zip(got, weights, strict=True):
-        want = x.astype(np.float64) @ dequantised_f64(values, scales).T
+        want = xs @ dequantised_f64(values, scales).T
         np.testing.assert_allclose(np.asarray(y), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
 
 
 def test_matmul_routes_to_the_kernel_and_equals_xla(target):
     """int8.matmul at decode rows takes the kernel (in the lowered program) and gives what the XLA
-    path (dequantise, dot) gives; switched off, the program has no kernel call."""
+    path (dequantise, dot) gives on the rows the kernel sees (quantised per 32 on the VNNI path)."""
     rng = np.random.default_rng(1)
     w = int8.quantise(jnp.asarray(rng.standard_normal((64, 4, 8), np.float32)), (0,), 32)
     x = jnp.asarray(rng.standard_normal((2, 3, 64), np.float32))
     f = jax.jit(int8.matmul)
     assert cpu_kernels.INT8_MATMUL_TARGET in f.lower(x, w).as_text()
-    xla = jnp.einsum("btk,nk->btn", x, np.asarray(int8._float_values(w, jnp.float32)).reshape(32, 64))
+    seen = x
+    if cpu_kernels.int8_vnni():
+        seen = rows_quantised_f64(np.asarray(x).reshape(6, 64)).reshape(2, 3, 64)
+    xla = jnp.einsum("btk,nk->btn", jnp.asarray(seen, jnp.float32),
+                     np.asarray(int8._float_values(w, jnp.float32)).reshape(32, 64))
     np.testing.assert_allclose(np.asarray(f(x, w)), np.asarray(xla).reshape(2, 3, 4, 8), rtol=1e-5, atol=1e-5)
 
 
@@ -121,11 +156,24 @@ def hf_model_of(params: sk.Params, folder) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
 
 
+@pytest.fixture
+def float_kernel_path(monkeypatch):
+    """The int8 kernel's float path (x not quantised) for one test: programs traced again."""
+    import functools
+    float_path = functools.partial(cpu_kernels.int8_matmuls, path="float")
+    monkeypatch.setattr(cpu_kernels, "int8_matmuls", float_path)
+    jax.clear_caches()
+    yield
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize("name", ["gqa_tied", "head_dim_24", "qwen2_mqa_head_dim_24", "qwen3_gqa"])
-def test_int8_model_equals_transformers_on_its_dequantised_weights(models, name, tmp_path):
+def test_int8_model_equals_transformers_on_its_dequantised_weights(models, name, tmp_path, float_kernel_path):
     """The int8 model's logits are those of transformers running the dequantised weights (so the
     int8 path computes exactly that model), and its greedy tokens through the paged cache and the
-    decode kernel are transformers' greedy tokens; and it stays close to the float model."""
+    decode kernel (its float path) are transformers' greedy tokens; and it stays close to the float
+    model."""
     params, _ = sk.load(models[name], tokenizer=False, quantize="int8")
     assert params.config.quantization == "int8"
     reference = hf_model_of(params, tmp_path / "dequantised")
@@ -137,6 +185,45 @@ def test_int8_model_equals_transformers_on_its_dequantised_weights(models, name,
     float_params, _ = sk.load(models[name], tokenizer=False)
     float_logits, _ = sk.forward(float_params, None, jnp.asarray(ids), all_logits=True)
     assert 1e-5 < rel_err(logits, float_logits) < 0.1  # quantised, by little (tiny random weights)
+
+
+def quantise_rows_torch(x):
+    """rows_quantised_f64 in torch float32 (transformers' Linear inputs, as the VNNI path sees them)."""
+    import torch
+    blocks = x.reshape(*x.shape[:-1], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / torch.where(amax > 0, amax, 1.0), 0.0)
+    q = torch.clamp(torch.round(blocks * inv), -127, 127)
+    return (q * (amax / 127.0)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("name", ["gqa_tied", "qwen3_gqa"])
+def test_int8_decode_rows_on_the_vnni_path_equal_transformers_with_rows_quantised(models, name, tmp_path):
+    """Where the kernel quantises decode rows (AVX-512 VNNI), the model computes exactly this:
+    transformers on the dequantised weights with every Linear's input quantised per 32 inputs
+    (forward pre-hooks). Teacher-forced through the paged cache: a 16-token chunk, then one token
+    a step; every step's logits = the hooked model's, and differ from the unhooked one's (so the
+    rows really were quantised). Projections over 64k inputs take the VNNI path (the tiny models'
+    q/k/v, o, gate/up and LM head), the others the float one (down_proj over 96)."""
+    if not cpu_kernels.int8_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI: decode rows take the float path (tested above)")
+    params, _ = sk.load(models[name], tokenizer=False, quantize="int8")
+    reference = hf_model_of(params, tmp_path / "dequantised")
+    ids = prompts(params.config.vocab_size, [24], seed=4)[0]
+    unhooked = hf_logits(reference, [ids])[0]
+    for module in reference.modules():  # the kernel quantises x where K is a multiple of 64
+        if module.__class__.__name__ == "Linear" and module.in_features % 64 == 0:
+            module.register_forward_pre_hook(lambda _, args: (quantise_rows_torch(args[0]),))
+    want = hf_logits(reference, [ids])[0]
+    cache = sk.init_cache(params, 1, 32)
+    logits, cache = sk.forward(params, cache, jnp.asarray([ids[:16]]), jnp.asarray([16]))  # 16 rows
+    got = [logits[0]]
+    for t in range(16, len(ids)):
+        logits, cache = sk.forward(params, cache, jnp.asarray([[ids[t]]]), jnp.asarray([1]))
+        got.append(logits[0])
+    for t, row in zip(range(15, len(ids)), got, strict=True):
+        assert rel_err(row, want[t]) < 1e-4, t
+        assert rel_err(want[t], unhooked[t]) > 1e-3, t
 
 
 def test_int8_swiftkv_model_equals_its_dequantised_self(models):

@@ -142,19 +142,35 @@ def paged_attention(target: str, q: jax.Array, k_pool: jax.Array, v_pool: jax.Ar
                 block_size=np.int64(block_size))
 
 
+INT8_PATHS = {"best": 0, "scalar": 1, "float": 2}  # the kernel's loops (int8_matmul.cc's Path)
+
+
 def int8_matmul(target: str, x: jax.Array, w: jax.Array, scales: jax.Array,
-                scalar: bool = False) -> jax.Array:
+                path: str = "best") -> jax.Array:
     """x [R, K] float32 @ (w [N, K] int8 * scales [N, K / B] per block of B inputs).T -> [R, N]
-    float32. `scalar` forces the kernel's scalar loop (tests compare it with the AVX2 one)."""
-    return int8_matmuls(target, x, [(w, scales)], scalar)[0]
+    float32. `path`: "best" (AVX-512 VNNI with x quantised per 32 inputs where the CPU has it and
+    K % 64 == B % 32 == 0; else AVX2 float), "float" (AVX2 float products), "scalar" (tests)."""
+    return int8_matmuls(target, x, [(w, scales)], path)[0]
 
 
 def int8_matmuls(target: str, x: jax.Array, weights: list[tuple[jax.Array, jax.Array]],
-                 scalar: bool = False) -> list[jax.Array]:
+                 path: str = "best") -> list[jax.Array]:
     """int8_matmul of one input with several (w, scales): one call, the threads started once."""
     shapes = [jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32) for w, _ in weights]
     call = jax.ffi.ffi_call(target, shapes)
-    return list(call(x, *(a for pair in weights for a in pair), scalar=np.int64(scalar)))
+    return list(call(x, *(a for pair in weights for a in pair), path=np.int64(INT8_PATHS[path])))
+
+
+@functools.lru_cache(maxsize=None)
+def int8_vnni() -> bool:
+    """Whether the int8 kernel built here takes the AVX-512 VNNI path (rows quantised): what the
+    compiler defines for -march=native, as the kernel's #if sees it."""
+    compiler = _compiler()
+    if compiler is None:
+        return False
+    macros = subprocess.run([compiler, "-march=native", "-dM", "-E", "-x", "c++", "-"], input="",
+                            capture_output=True, text=True).stdout
+    return all(f"__{m}__" in macros for m in ("AVX512F", "AVX512BW", "AVX512VNNI"))
 
 
 def int8_dequantise(target: str, x: jax.Array, w: jax.Array, scales: jax.Array) -> jax.Array:
