@@ -103,7 +103,10 @@ def report(layers: list[int], args: argparse.Namespace, speeds: dict[str, Any]) 
     """The curve's figures per L: quality (from each run's eval.json) and speed-ups."""
     points = {}
     for L in layers:
-        ev = json.loads((args.work / f"L{L}" / "eval.json").read_text())
+        path = args.work / f"L{L}" / "eval.json"
+        if not path.exists():  # an earlier run of the same recipe and budget, kept in the results
+            path = args.out / f"distill_L{L}_g1_{args.num_prompts}prompts.json"
+        ev = json.loads(path.read_text())
         got = ev["results"]["distilled"]
         held, text = got["held-out"], got.get("english", {})
         points[L] = {"kl": held["kl"], "top1": held["top1"],
@@ -111,7 +114,8 @@ def report(layers: list[int], args: argparse.Namespace, speeds: dict[str, Any]) 
                      "text_ppl_ratio": text["ppl_student"] / text["ppl_teacher"] if text else None,
                      "ttft_speedup": speeds["off"]["ttft_s"] / speeds[str(L)]["ttft_s"],
                      "engine_speedup": speeds[str(L)]["engine_tok_s"] / speeds["off"]["engine_tok_s"],
-                     "tokens_seen": ev["tokens_seen"], "tokens_per_s": ev["tokens_per_s"]}
+                     "tokens_seen": ev["tokens_seen"], "tokens_per_s": ev["tokens_per_s"],
+                     "quality_from": str(path)}
     return points
 
 
@@ -125,7 +129,11 @@ def render(res: dict[str, Any]) -> str:
             f"{res['cpu']}; speed on the initialisation weights, SwiftKV off = 1")
     columns = ["L (of 30)", "held-out KL", "top-1", "ppl vs teacher", "English ppl vs teacher",
                "TTFT 1000 speed-up", "engine speed-up"]
-    return "\n".join([head, ""] + table(columns, rows))
+    notes = [f"* L={L}: quality from {p['quality_from']} (an earlier run of the same recipe and budget; its "
+             "held-out teacher answers were sampled apart from this run's, so compare English perplexity)"
+             for L, p in sorted(res["points"].items(), key=lambda kv: int(kv[0]))
+             if not p["quality_from"].endswith("eval.json")]
+    return "\n".join([head, ""] + table(columns, rows) + ([""] + notes if notes else []))
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
