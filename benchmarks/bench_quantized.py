@@ -150,7 +150,10 @@ def answers(params: sk.Params, tokenizer, max_new_tokens: int = 48) -> list[list
     """Greedy answers to the 20 fixed prompts (chat template)."""
     from swiftkv_jax.text.tokenization import encode_prompt
     ids = [encode_prompt(tokenizer, p, chat=True) for p in PROMPTS]
-    out, _ = sk.generate(params, None, ids, max_new_tokens=max_new_tokens)
+    out = []
+    for start in range(0, len(ids), 10):  # 10 rows a decode step: the int8 kernel's rows (<= 16)
+        got, _ = sk.generate(params, None, ids[start:start + 10], max_new_tokens=max_new_tokens)
+        out += got
     return out
 
 

@@ -163,3 +163,20 @@ def penalised_greedy(hf, prompt: list[int], n: int, *, frequency=0.0, presence=0
             x[t] -= frequency * c + presence
         out.append(int(np.argmax(x)))
     return out
+
+
+@pytest.fixture
+def float_kernel_path(monkeypatch):
+    """The int8 kernel's float path for one test (rows not quantised, as on CPUs without AVX-512
+    VNNI): int8 decode then computes exactly the dequantised model. Programs are traced again."""
+    import functools
+
+    import jax
+
+    from swiftkv_jax.kernels import cpu as cpu_kernels
+    float_path = functools.partial(cpu_kernels.int8_matmuls, path="float")
+    monkeypatch.setattr(cpu_kernels, "int8_matmuls", float_path)
+    jax.clear_caches()
+    yield
+    monkeypatch.undo()
+    jax.clear_caches()

@@ -60,10 +60,11 @@ def test_gguf_matches_transformers_gguf_loader(tmp_path, monkeypatch, source, qt
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_q8_0_gguf_loads_into_int8_as_stored(tmp_path, monkeypatch, tied):
+def test_q8_0_gguf_loads_into_int8_as_stored(tmp_path, monkeypatch, tied, float_kernel_path):
     """quantize="int8" takes a Q8_0 file's int8 values and float16 scales as they are: dequantised,
     they equal the gguf package's own dequantisation bit for bit (q/k rows un-permuted alike),
-    and the model answers like transformers' GGUF loader."""
+    and the model answers like transformers' GGUF loader (decode on the kernel's float path: the
+    VNNI path also rounds activations, tests/test_int8.py checks it against its own reference)."""
     monkeypatch.setenv("SWIFTKV_JAX_WEIGHTS_CACHE", "off")
     torch_model = make_hf_llama(tmp_path / "hf", num_key_value_heads=2, tie_word_embeddings=tied,
                                 hidden_size=64, intermediate_size=96)

@@ -156,18 +156,6 @@ def hf_model_of(params: sk.Params, folder) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
 
 
-@pytest.fixture
-def float_kernel_path(monkeypatch):
-    """The int8 kernel's float path (x not quantised) for one test: programs traced again."""
-    import functools
-    float_path = functools.partial(cpu_kernels.int8_matmuls, path="float")
-    monkeypatch.setattr(cpu_kernels, "int8_matmuls", float_path)
-    jax.clear_caches()
-    yield
-    monkeypatch.undo()
-    jax.clear_caches()
-
-
 @pytest.mark.parametrize("name", ["gqa_tied", "head_dim_24", "qwen2_mqa_head_dim_24", "qwen3_gqa"])
 def test_int8_model_equals_transformers_on_its_dequantised_weights(models, name, tmp_path, float_kernel_path):
     """The int8 model's logits are those of transformers running the dequantised weights (so the
