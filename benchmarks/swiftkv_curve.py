@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -103,36 +104,45 @@ def report(layers: list[int], args: argparse.Namespace, speeds: dict[str, Any]) 
     """The curve's figures per L: quality (from each run's eval.json) and speed-ups."""
     points = {}
     for L in layers:
+        speed = {"ttft_speedup": speeds["off"]["ttft_s"] / speeds[str(L)]["ttft_s"],
+                 "engine_speedup": speeds[str(L)]["engine_tok_s"] / speeds["off"]["engine_tok_s"],
+                 "ttft_ms": 1000 * speeds[str(L)]["ttft_s"]}
         path = args.work / f"L{L}" / "eval.json"
         if not path.exists():  # an earlier run of the same recipe and budget, kept in the results
             path = args.out / f"distill_L{L}_g1_{args.num_prompts}prompts.json"
+        if not path.exists():  # not trained yet: speed only
+            points[L] = {**speed, "kl": None, "quality_from": None}
+            continue
         ev = json.loads(path.read_text())
         got = ev["results"]["distilled"]
         held, text = got["held-out"], got.get("english", {})
-        points[L] = {"kl": held["kl"], "top1": held["top1"],
+        points[L] = {**speed, "kl": held["kl"], "top1": held["top1"],
                      "ppl_ratio": held["ppl_student"] / held["ppl_teacher"],
                      "text_ppl_ratio": text["ppl_student"] / text["ppl_teacher"] if text else None,
-                     "ttft_speedup": speeds["off"]["ttft_s"] / speeds[str(L)]["ttft_s"],
-                     "engine_speedup": speeds[str(L)]["engine_tok_s"] / speeds["off"]["engine_tok_s"],
                      "tokens_seen": ev["tokens_seen"], "tokens_per_s": ev["tokens_per_s"],
-                     "quality_from": str(path)}
+                     "quality_from": os.path.relpath(path)}
     return points
 
 
 def render(res: dict[str, Any]) -> str:
     rows = []
     for L, p in sorted(res["points"].items(), key=lambda kv: int(kv[0])):
+        speed = [f"{p['ttft_ms']:.0f} ms ({p['ttft_speedup']:.2f}x)", f"{p['engine_speedup']:.2f}x"]
+        if p["kl"] is None:
+            rows.append([str(L), "not trained yet", "-", "-", "-", *speed])
+            continue
         text = f"{p['text_ppl_ratio']:.3f}x" if p["text_ppl_ratio"] else "-"
         rows.append([str(L), f"{p['kl']:.3f}", f"{100 * p['top1']:.1f}%", f"{p['ppl_ratio']:.3f}x", text,
-                     f"{p['ttft_speedup']:.2f}x", f"{p['engine_speedup']:.2f}x"])
+                     *speed])
     head = (f"SmolLM2-135M-Instruct distilled at each L (g = 1), {res['steps']} steps x 960 tokens each, "
-            f"{res['cpu']}; speed on the initialisation weights, SwiftKV off = 1")
+            f"{res['cpu']}; speed on the initialisation weights, SwiftKV off = 1 (its TTFT "
+            f"{res['off_ttft_ms']:.0f} ms)")
     columns = ["L (of 30)", "held-out KL", "top-1", "ppl vs teacher", "English ppl vs teacher",
-               "TTFT 1000 speed-up", "engine speed-up"]
+               "TTFT 1000 tokens (speed-up)", "engine speed-up"]
     notes = [f"* L={L}: quality from {p['quality_from']} (an earlier run of the same recipe and budget; its "
              "held-out teacher answers were sampled apart from this run's, so compare English perplexity)"
              for L, p in sorted(res["points"].items(), key=lambda kv: int(kv[0]))
-             if not p["quality_from"].endswith("eval.json")]
+             if p["quality_from"] and not p["quality_from"].endswith("eval.json")]
     return "\n".join([head, ""] + table(columns, rows) + ([""] + notes if notes else []))
 
 
@@ -141,13 +151,17 @@ def plot(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = sorted(res["points"].items(), key=lambda kv: int(kv[0]))
+    pts = sorted(((L, p) for L, p in res["points"].items() if p["kl"] is not None), key=lambda kv: int(kv[0]))
     fig, ax = plt.subplots(figsize=(6, 4))
     x = [p["ttft_speedup"] for _, p in pts]
     y = [p["text_ppl_ratio"] or p["ppl_ratio"] for _, p in pts]
     ax.plot(x, y, "o-")
     for (L, _), xi, yi in zip(pts, x, y):
         ax.annotate(f"L={L}", (xi, yi), textcoords="offset points", xytext=(5, 5))
+    ax.axhline(1.10, color="gray", ls="--", lw=1)  # the second shipped model's floors (issue 32)
+    ax.axvline(1.35, color="gray", ls="--", lw=1)
+    ax.annotate("ship floors: ppl <= 1.10x, speed-up >= 1.35x", (1.35, 1.10), textcoords="offset points",
+                xytext=(4, -12), fontsize=8, color="gray")
     ax.set_xlabel("prefill speed-up at 1000 tokens (x SwiftKV off)")
     ax.set_ylabel("English perplexity (x the base model's)")
     ax.set_title("SwiftKV on SmolLM2-135M: quality lost vs prefill saved")
@@ -180,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase in ("all", "speed"):
         speed(args.layers, args, lambda got: speed_file.write_text(json.dumps(got, indent=1)))
     if args.phase in ("all", "report"):
+        speeds = json.loads(speed_file.read_text())
         res = {"cpu": cpu_name(), "steps": args.steps, "layers": args.layers,
-               "points": report(args.layers, args, json.loads(speed_file.read_text()))}
+               "off_ttft_ms": 1000 * speeds["off"]["ttft_s"], "points": report(args.layers, args, speeds)}
         save_results(args.out, name, res, render(res))
         plot(res, args.out / f"{name}.png")
     return 0
