@@ -20,16 +20,18 @@
 // Contiguous ranges of outputs are split over our own helper threads (Helpers, below; the float
 // copy for prefill chunks over XLA's pool), their weights prefetched a few tiles ahead.
 
+#ifdef __linux__
 #include <sched.h>
+#endif
 
 #include <algorithm>
-#include <chrono>
-#include <cstdlib>
-#include <functional>
-#include <cmath>
 #include <atomic>
+#include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -371,8 +373,11 @@ class Helpers {
   Helpers() {
     const char* env = std::getenv("SWIFTKV_JAX_SPIN_US");
     spin_ = std::chrono::microseconds(env ? std::atoll(env) : 100);
-    cpu_set_t set;
-    int cpus = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+    int cpus = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+#ifdef __linux__
+    cpu_set_t set;  // the CPUs this process may use (taskset, containers), not all the machine's
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) cpus = CPU_COUNT(&set);
+#endif
     for (int i = 1; i < cpus; ++i) threads_.emplace_back([this] { Loop(); });
     for (auto& t : threads_) t.detach();
   }
