@@ -91,16 +91,21 @@ def peer(python: str, model: Path, vocab: int, repeats: int) -> dict:
     return r
 
 
-@jax.jit
-def _quality_sums(ref: sk.Params, test: sk.Params, batch: dict) -> dict:
-    """Sums over a batch's supervised positions: KL(ref || test), top-1 agreement, both NLLs."""
-    lr = jax.nn.log_softmax(sk.forward(ref, None, batch["tokens"], all_logits=True)[0], -1)
-    lt = jax.nn.log_softmax(sk.forward(test, None, batch["tokens"], all_logits=True)[0], -1)
-    w = batch["weights"]
-    pick = lambda lp: -jnp.take_along_axis(lp, batch["targets"][..., None], -1)[..., 0]
+def _sums(lr: jax.Array, lt: jax.Array, targets: jax.Array, w: jax.Array) -> dict:
+    """Sums over supervised positions (weights w) of log-probs lr (reference) and lt (test):
+    KL(ref || test), top-1 agreement, both NLLs of the targets."""
+    nll = lambda lp: -jnp.take_along_axis(lp, targets[..., None], -1)[..., 0]
     return {"kl": jnp.sum(jnp.sum(jnp.exp(lr) * (lr - lt), -1) * w),
             "top1": jnp.sum((lr.argmax(-1) == lt.argmax(-1)) * w),
-            "nll_ref": jnp.sum(pick(lr) * w), "nll_test": jnp.sum(pick(lt) * w), "count": jnp.sum(w)}
+            "nll_ref": jnp.sum(nll(lr) * w), "nll_test": jnp.sum(nll(lt) * w), "count": jnp.sum(w)}
+
+
+@jax.jit
+def _quality_sums(ref: sk.Params, test: sk.Params, batch: dict) -> dict:
+    """_sums over a batch, both models run as one prefill-shaped pass."""
+    lr = jax.nn.log_softmax(sk.forward(ref, None, batch["tokens"], all_logits=True)[0], -1)
+    lt = jax.nn.log_softmax(sk.forward(test, None, batch["tokens"], all_logits=True)[0], -1)
+    return _sums(lr, lt, batch["targets"], batch["weights"])
 
 
 def quality(ref: sk.Params, test: sk.Params, data, batch: int = 4) -> dict:
@@ -121,11 +126,7 @@ def _step_sums(test: sk.Params, cache, tokens: jax.Array, lr: jax.Array, targets
     """One token of every row through the test model's decode path (a cache, one row each: the
     rows its int8 kernel takes, quantised on the VNNI path) against the reference's log-probs."""
     logits, cache = sk.forward(test, cache, tokens[:, None])
-    lt = jax.nn.log_softmax(logits, -1)
-    nll = lambda lp: -jnp.take_along_axis(lp, targets[:, None], -1)[:, 0]
-    return {"kl": jnp.sum(jnp.sum(jnp.exp(lr) * (lr - lt), -1) * w),
-            "top1": jnp.sum((lr.argmax(-1) == lt.argmax(-1)) * w),
-            "nll_ref": jnp.sum(nll(lr) * w), "nll_test": jnp.sum(nll(lt) * w), "count": jnp.sum(w)}, cache
+    return _sums(lr, jax.nn.log_softmax(logits, -1), targets, w), cache
 
 
 def quality_decode(ref: sk.Params, test: sk.Params, data, batch: int = 8) -> dict:
