@@ -446,7 +446,9 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
     if (p.R * p.N > 0) problems.push_back(p);
   }
 #ifdef SWIFTKV_INT8_VNNI
-  QuantisedRows xq;  // the rows quantised once for every weight of the call
+  // The rows quantised once for every weight of the call; kept per calling thread so a decode
+  // step's ~120 calls reuse its buffers instead of allocating them each time.
+  thread_local QuantisedRows xq;
   bool vnni = path == kBest && !problems.empty() &&
               std::all_of(problems.begin(), problems.end(), [](const Problem& p) { return VnniApplies(p); });
   if (vnni) {
