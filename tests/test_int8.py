@@ -48,6 +48,9 @@ KERNEL_CASES = [
     (4, 24, 7, 1),       # one scale per output
     (11, 128, 9, 2),     # blocks of 64; 8 + 3 rows, an odd number of outputs (VNNI: tails)
     (16, 192, 33, 1),    # one scale per output over 192 inputs (VNNI: 3 chunks of 64)
+    (17, 64, 33, 2),     # the fewest rows of a prefill chunk (VNNI: the GEMM, one 32-output tile + 1)
+    (40, 576, 192, 18),  # a chunk of 40 rows: 6 + ... + 4 (VNNI GEMM row blocks)
+    (23, 128, 50, 1),    # one scale per output over 128 inputs, a partial last tile (VNNI GEMM)
 ]
 
 
@@ -57,7 +60,7 @@ def target():
 
 
 def vnni_applies(k: int, blocks: int) -> bool:
-    return cpu_kernels.int8_vnni() and k % 64 == 0 and (k // blocks) % 32 == 0
+    return cpu_kernels.int8_vnni() and k % 64 == 0 and (k // blocks) % 32 == 0  # the C++'s own test
 
 
 @pytest.mark.parametrize("path", ["best", "float", "scalar"])
@@ -189,27 +192,30 @@ def quantise_rows_torch(x):
 def test_int8_decode_rows_on_the_vnni_path_equal_transformers_with_rows_quantised(models, name, tmp_path):
     """Where the kernel quantises decode rows (AVX-512 VNNI), the model computes exactly this:
     transformers on the dequantised weights with every Linear's input quantised per 32 inputs
-    (forward pre-hooks). Teacher-forced through the paged cache: a 16-token chunk, then one token
-    a step; every step's logits = the hooked model's, and differ from the unhooked one's (so the
-    rows really were quantised). Projections over 64k inputs take the VNNI path (the tiny models'
+    (forward pre-hooks). Teacher-forced through the paged cache: a 20-token chunk (the GEMM for
+    prefill chunks), a 3-token one (the decode-row path), then one token a step; every step's
+    logits = the hooked model's, and differ from the unhooked one's (so the rows really were
+    quantised). Projections over 64k inputs take the VNNI path (the tiny models'
     q/k/v, o, gate/up and LM head), the others the float one (down_proj over 96)."""
     if not cpu_kernels.int8_vnni():
         pytest.skip("this CPU has no AVX-512 VNNI: decode rows take the float path (tested above)")
     params, _ = sk.load(models[name], tokenizer=False, quantize="int8")
     reference = hf_model_of(params, tmp_path / "dequantised")
-    ids = prompts(params.config.vocab_size, [24], seed=4)[0]
+    ids = prompts(params.config.vocab_size, [28], seed=4)[0]
     unhooked = hf_logits(reference, [ids])[0]
     for module in reference.modules():  # the kernel quantises x where K is a multiple of 64
         if module.__class__.__name__ == "Linear" and module.in_features % 64 == 0:
             module.register_forward_pre_hook(lambda _, args: (quantise_rows_torch(args[0]),))
     want = hf_logits(reference, [ids])[0]
     cache = sk.init_cache(params, 1, 32)
-    logits, cache = sk.forward(params, cache, jnp.asarray([ids[:16]]), jnp.asarray([16]))  # 16 rows
+    logits, cache = sk.forward(params, cache, jnp.asarray([ids[:20]]), jnp.asarray([20]))  # 20 rows
     got = [logits[0]]
-    for t in range(16, len(ids)):
+    logits, cache = sk.forward(params, cache, jnp.asarray([ids[20:23]]), jnp.asarray([3]))
+    got.append(logits[0])
+    for t in range(23, len(ids)):
         logits, cache = sk.forward(params, cache, jnp.asarray([[ids[t]]]), jnp.asarray([1]))
         got.append(logits[0])
-    for t, row in zip(range(15, len(ids)), got, strict=True):
+    for t, row in zip([19, 22, *range(23, len(ids))], got, strict=True):
         assert rel_err(row, want[t]) < 1e-4, t
         assert rel_err(want[t], unhooked[t]) > 1e-3, t
 

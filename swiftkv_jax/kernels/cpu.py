@@ -3,10 +3,10 @@
 At decode shapes XLA:CPU spends most of a paged-attention step gathering pool blocks, several
 times what reading the keys once costs; `kernels/paged_attention.cc` reads them in place. It
 converts int8 weights to float32 whole before a matmul; `kernels/int8_matmul.cc` reads them in
-place for the few rows of a decode step. Each source is compiled with the machine's C++ compiler
-(-march=native, against the XLA FFI headers that jaxlib ships) into $SWIFTKV_JAX_KERNEL_CACHE
-(default ~/.cache/swiftkv-jax/kernels), keyed by source, jaxlib, compiler and CPU, and loaded once
-per process. Without a compiler, or with
+place for the few rows of a decode step (and, with AVX-512 VNNI, for prefill chunks). Each source
+is compiled with the machine's C++ compiler (-march=native, against the XLA FFI headers that
+jaxlib ships) into $SWIFTKV_JAX_KERNEL_CACHE (default ~/.cache/swiftkv-jax/kernels), keyed by
+source, jaxlib, compiler and CPU, and loaded once per process. Without a compiler, or with
 SWIFTKV_JAX_CPU_KERNELS=off, callers get None and keep XLA's own path (equal to float32 rounding).
 """
 
@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 PAGED_ATTENTION_TARGET = "swiftkv_paged_attention"
 INT8_MATMUL_TARGET = "swiftkv_int8_matmul"
 INT8_DEQUANTISE_TARGET = "swiftkv_int8_dequantise"
-INT8_MATMUL_MAX_ROWS = 16  # above this (prefill chunks) XLA's dot on a float copy is faster
+INT8_MATMUL_MAX_ROWS = 16  # above this, without AVX-512 VNNI, XLA's dot on a float copy is faster
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
 ENABLE_ENV = "SWIFTKV_JAX_CPU_KERNELS"
 _registered: set[str] = set()  # XLA refuses a second, different handler under one name
@@ -171,6 +171,12 @@ def int8_vnni() -> bool:
     macros = subprocess.run([compiler, "-march=native", "-dM", "-E", "-x", "c++", "-"], input="",
                             capture_output=True, text=True).stdout
     return all(f"__{m}__" in macros for m in ("AVX512F", "AVX512BW", "AVX512VNNI"))
+
+
+def int8_vnni_applies(k: int, block: int) -> bool:
+    """Whether the kernel's VNNI paths take a weight of `k` inputs and scales per `block`
+    (int8_matmul.cc's VnniApplies) on this CPU."""
+    return k % 64 == 0 and block % 32 == 0 and int8_vnni()
 
 
 def int8_dequantise(target: str, x: jax.Array, w: jax.Array, scales: jax.Array) -> jax.Array:

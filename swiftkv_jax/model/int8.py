@@ -9,10 +9,11 @@ which of their axes are the inputs, is declared in params.SCHEMA (`quant_in`).
 
 `matmul` picks its implementation per platform at lowering, like the attention kernels: on CPU the
 native kernel (kernels/int8_matmul.cc) for the few rows of a decode step, and for prefill chunks
-XLA's dot on a float copy the same library makes just before it (XLA's own conversion was hoisted
-to the program's start for every layer at once: a 1000-token prefill took 1.25x float32's);
-elsewhere XLA's dot on the weight converted and scaled in the same program (on GPU/TPU XLA fuses
-the conversion into the dot's operand).
+too where the CPU has AVX-512 VNNI (integer dot products, rows quantised per 32 inputs: several
+times float32's rate); on other CPUs prefill chunks use XLA's dot on a float copy the same library
+makes just before it (XLA's own conversion was hoisted to the program's start for every layer at
+once: a 1000-token prefill took 1.25x float32's); elsewhere XLA's dot on the weight converted and
+scaled in the same program (on GPU/TPU XLA fuses the conversion into the dot's operand).
 """
 
 from __future__ import annotations
@@ -114,11 +115,12 @@ def matmuls(x: jax.Array, ws: Sequence[Int8Weight], out_dtype=None) -> list[jax.
     def xla(x2: jax.Array, *pairs: jax.Array) -> list[jax.Array]:
         return [dot(x2, pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)]
 
-    few_rows = x2.shape[0] <= cpu_kernels.INT8_MATMUL_MAX_ROWS
-    target = cpu_kernels.int8_matmul_target() if few_rows else cpu_kernels.int8_dequantise_target()
+    in_place = x2.shape[0] <= cpu_kernels.INT8_MATMUL_MAX_ROWS or all(
+        cpu_kernels.int8_vnni_applies(k, w.block) for w in ws)
+    target = cpu_kernels.int8_matmul_target() if in_place else cpu_kernels.int8_dequantise_target()
     pairs = [a for pair in flat for a in pair]
     if target is not None and x.dtype == F32:
-        if few_rows:  # decode: the kernel reads the int8 weights in place
+        if in_place:  # decode rows (and chunks on VNNI): the kernel reads the int8 weights in place
             def on_cpu(x2, *pairs):
                 return cpu_kernels.int8_matmuls(target, x2, list(zip(pairs[::2], pairs[1::2])))
         else:  # prefill chunks: XLA's dot on a float copy made on every thread
