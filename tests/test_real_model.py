@@ -94,8 +94,9 @@ def test_tokenizer_cached_on_disk_encodes_like_transformers(tmp_path, monkeypatc
     assert ours.eos_token_id == ref.eos_token_id and ours.bos_token_id == ref.bos_token_id
 
 
-def test_shipped_swiftkv_model_equals_the_reference_and_knows_paris():
-    """`load("smollm2-swiftkv")`: the shipped SwiftKV tensors merged into the installed GGUF equal
+@pytest.mark.parametrize("name,layers", [("smollm2-swiftkv", 15), ("smollm2-swiftkv-l21", 21)])
+def test_shipped_swiftkv_model_equals_the_reference_and_knows_paris(name, layers):
+    """`load(name)` of each shipped model: its SwiftKV tensors merged into the installed GGUF equal
     the independent PyTorch SwiftKV reference on transformers' own load of that GGUF, driven by
     the stored tensors; and the distilled model answers the question every model must."""
     from swiftkv_reference import SwiftKVReference
@@ -103,10 +104,11 @@ def test_shipped_swiftkv_model_equals_the_reference_and_knows_paris():
     from swiftkv_jax.io import shipped
 
     _, tokenizer, ref = models()
-    params, _ = sk.load("smollm2-swiftkv", progress=False)
+    params, _ = sk.load(name, progress=False)
     cfg = params.config
+    assert (cfg.num_key_value_layers, cfg.key_value_group_size) == (layers, 1)
     reference = SwiftKVReference(ref, cfg.num_key_value_layers, cfg.key_value_group_size)
-    reference.load_swiftkv_tensors(shipped.MODELS_DIR / "smollm2-swiftkv" / shipped.TENSORS_FILE)
+    reference.load_swiftkv_tensors(shipped.MODELS_DIR / name / shipped.TENSORS_FILE)
     ids = chat_ids(tokenizer, QUESTIONS[0])
     ours, _ = sk.forward(params, None, jnp.asarray([ids]), all_logits=True)
     assert rel_err(ours, reference(torch.tensor([ids])).numpy()) <= 1e-4
