@@ -131,7 +131,8 @@ def _step_sums(test: sk.Params, cache, tokens: jax.Array, lr: jax.Array, targets
 
 def quality_decode(ref: sk.Params, test: sk.Params, data, batch: int = 8) -> dict:
     """quality() with the test model run as decode steps (one token a row a step over its cache),
-    which is where the int8 kernel runs: prefill-shaped passes take XLA's dot on a float copy."""
+    the int8 kernel's decode-row path (prefill-shaped passes take its GEMM with VNNI, else XLA's
+    dot on a float copy)."""
     totals: dict[str, float] = {}
     for start in range(0, data.num_rows - batch + 1, batch):
         rows = jax.tree.map(jnp.asarray, data.rows(np.arange(start, start + batch)))
@@ -194,8 +195,10 @@ def main() -> int:
     f32, tokenizer = sk.load(None, progress=False)
     q8 = f32.quantize("int8", args.block)
     r["block"] = q8.config.quantization_block
-    r["int8_decode_path"] = ("AVX-512 VNNI, rows quantised per 32 inputs" if cpu_kernels.int8_vnni()
-                             else "AVX2 float products")
+    vnni = cpu_kernels.int8_vnni_applies(q8.config.hidden_size, r["block"] or q8.config.hidden_size)
+    r["int8_decode_path"] = "AVX-512 VNNI, rows quantised per 32 inputs" if vnni else "AVX2 float products"
+    r["int8_prefill_path"] = ("the kernel's VNNI GEMM, rows quantised per 32 inputs" if vnni
+                              else "XLA's dot on the weights converted to float32")
     r["bytes"] = {"float32": f32.nbytes(), "int8": q8.nbytes()}
     r["bytes_ratio"] = q8.nbytes() / f32.nbytes()
     for name, params in (("float32", f32), ("int8", q8)):
@@ -265,8 +268,8 @@ def summary(r: dict) -> list[str]:
     rows.append(f"| params MB | {r['bytes']['float32'] / 1e6:.0f} | {r['bytes']['int8'] / 1e6:.0f} | | "
                 f"<= 0.3x: {r['bytes_ratio']:.3f}x {mark(r['bytes_ratio'] <= 0.3)} |")
     rows += ["", f"Quality, int8 run as decode steps (its kernel: {r.get('int8_decode_path', '?')}; "
-             "in brackets: "
-             "run as one prefill-shaped pass, XLA's dot on the weights converted to float32):", "",
+             "in brackets: run as one prefill-shaped pass, "
+             f"{r.get('int8_prefill_path', 'XLA dot on the weights converted to float32')}):", "",
              "| model | ppl f32 | ppl int8 | ratio (<= 1.01) | KL(f32 ‖ int8)/token (<= 0.01) | top-1 | "
              "20 prompts identical (>= 18) |", "|---|---|---|---|---|---|---|"]
     for name, qd in r["quality"].items():

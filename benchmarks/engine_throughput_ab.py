@@ -11,9 +11,11 @@ GGUF), f32; the full engine benchmark with generate() beside it is bench_engine.
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 
+import jax
 import numpy as np
 
 import swiftkv_jax as sk
@@ -47,6 +49,10 @@ def main() -> int:
         rates[name] = best
         print(f"(a) engine {name}: {best:.0f} total tokens/s (best of 2)", flush=True)
         del engine
+        # Four engines' executables in one process ran the CPU out of mapped memory ("LLVM
+        # compilation error: Cannot allocate memory", 2026-12-04): drop each one's programs.
+        jax.clear_caches()
+        gc.collect()
     print(f"(a) SwiftKV L15 vs off: {rates['L15'] / rates['off']:.2f}x")
     if "L15 int8" in rates:
         print(f"(a) int8 vs float32: L15 {rates['L15 int8'] / rates['L15']:.2f}x, off "
