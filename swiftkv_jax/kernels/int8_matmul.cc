@@ -318,28 +318,56 @@ constexpr int kGroupsPerTile = 2;     // outputs per tile (and per register bloc
 
 bool GemmApplies(const Problem& p) { return p.R >= kGemmMinRows; }
 
+// 16 vectors of 16 int32 (row j = output j's 4-byte groups k) -> their transpose (column k = the
+// k-th 4-byte group of each of the 16 outputs): 64 shuffles, within 128-bit lanes, then of lanes.
+inline void Transpose16x16(__m512i v[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+  }
+  // b[4m + c], 128-bit lane L: outputs 4m..4m+3 of group 4L + c
+  for (int m = 0; m < 4; ++m) {
+    b[4 * m + 0] = _mm512_unpacklo_epi64(a[4 * m], a[4 * m + 2]);
+    b[4 * m + 1] = _mm512_unpackhi_epi64(a[4 * m], a[4 * m + 2]);
+    b[4 * m + 2] = _mm512_unpacklo_epi64(a[4 * m + 1], a[4 * m + 3]);
+    b[4 * m + 3] = _mm512_unpackhi_epi64(a[4 * m + 1], a[4 * m + 3]);
+  }
+  // group 4L + c = lane L of b[c], b[4 + c], b[8 + c], b[12 + c]: a 4 x 4 transpose of lanes
+  for (int c = 0; c < 4; ++c) {
+    const __m512i y0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), y1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+    const __m512i y2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+    const __m512i y3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    v[c] = _mm512_shuffle_i32x4(y0, y2, 0x88);
+    v[4 + c] = _mm512_shuffle_i32x4(y0, y2, 0xDD);
+    v[8 + c] = _mm512_shuffle_i32x4(y1, y3, 0x88);
+    v[12 + c] = _mm512_shuffle_i32x4(y1, y3, 0xDD);
+  }
+}
+
 // Outputs [n0, n0 + 32) (those < N; the rest zero) -> packed[g][K / 4][16] int32 of (w + 128)
 // bytes and scales[g][K / 32][16] (each output's scale for each block of 32 inputs).
 void PackTile(const Problem& p, int64_t n0, int32_t* packed, float* scales) {
   const int64_t K4 = p.K / 4, NB32 = p.K / kActBlock;
-  for (int g = 0; g < kGroupsPerTile; ++g)
-    for (int j = 0; j < kGroup; ++j) {
-      const int64_t n = n0 + g * kGroup + j;
-      int32_t* dst = packed + g * K4 * kGroup + j;
-      float* sdst = scales + g * NB32 * kGroup + j;
-      if (n >= p.N) {
-        for (int64_t k4 = 0; k4 < K4; ++k4) dst[k4 * kGroup] = static_cast<int32_t>(0x80808080u);
-        for (int64_t b = 0; b < NB32; ++b) sdst[b * kGroup] = 0.f;
-        continue;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int g = 0; g < kGroupsPerTile; ++g) {
+    const int64_t first = n0 + g * kGroup;
+    for (int64_t c = 0; c < p.K / kChunk; ++c) {  // 64 inputs (16 groups of 4) of 16 outputs
+      __m512i v[kGroup];
+      for (int j = 0; j < kGroup; ++j) {
+        const int8_t* wj = p.w + (first + j) * p.K + c * kChunk;
+        if (first + j < p.N) _mm_prefetch(reinterpret_cast<const char*>(wj + 4 * kChunk), _MM_HINT_T0);
+        v[j] = _mm512_xor_si512(first + j < p.N ? _mm512_loadu_si512(wj) : _mm512_setzero_si512(), flip);
       }
-      const int8_t* wn = p.w + n * p.K;
-      for (int64_t k4 = 0; k4 < K4; ++k4) {
-        uint32_t v;
-        std::memcpy(&v, wn + 4 * k4, 4);
-        dst[k4 * kGroup] = static_cast<int32_t>(v ^ 0x80808080u);
-      }
-      for (int64_t b = 0; b < NB32; ++b) sdst[b * kGroup] = p.scales[n * p.NB + b * kActBlock / p.B];
+      Transpose16x16(v);
+      for (int k = 0; k < kGroup; ++k) _mm512_storeu_si512(packed + (g * K4 + c * kGroup + k) * kGroup, v[k]);
     }
+    for (int j = 0; j < kGroup; ++j) {
+      const int64_t n = first + j;
+      for (int64_t b = 0; b < NB32; ++b)
+        scales[(g * NB32 + b) * kGroup + j] = n < p.N ? p.scales[n * p.NB + b * kActBlock / p.B] : 0.f;
+    }
+  }
 }
 
 // Rows [r0, r0 + RB) times the packed tile's 32 outputs; y written for outputs < N.
