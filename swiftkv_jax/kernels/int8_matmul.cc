@@ -310,8 +310,8 @@ void RangeVnni(const Problem& p, int64_t n0, int64_t n1) {
 // 16 outputs side by side (one 64-byte vector), so one vpdpbusd multiplies 16 outputs x 4 inputs
 // by one row's 4 inputs broadcast, and a lane sums a whole block of 32 inputs in integers before
 // the block's scales are applied once (the decode path scales every 64 products: fine when memory
-// bounds it, ~f32's rate when compute does). The repack costs ~1 load/store per 4 weights once per
-// call, reused by every row of the chunk.
+// bounds it, ~f32's rate when compute does). The repack (a 16 x 16 dword transpose: ~6
+// instructions per 64 bytes) runs once per call and serves every row of the chunk.
 constexpr int64_t kGemmMinRows = 17;  // fewer rows: the decode path (weights streamed once)
 constexpr int kGroup = 16;            // outputs per vector
 constexpr int kGroupsPerTile = 2;     // outputs per tile (and per register block): 32
