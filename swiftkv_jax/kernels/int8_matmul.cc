@@ -312,11 +312,10 @@ void RangeVnni(const Problem& p, int64_t n0, int64_t n1) {
 // the block's scales are applied once (the decode path scales every 64 products: fine when memory
 // bounds it, ~f32's rate when compute does). The repack (a 16 x 16 dword transpose: ~6
 // instructions per 64 bytes) runs once per call and serves every row of the chunk.
-constexpr int64_t kGemmMinRows = 17;  // fewer rows: the decode path (weights streamed once)
+constexpr int64_t kGemmMinRows = 17;  // fewer rows: the decode path (weights streamed once; Python
+                                      // sends only <= 16 rows here on CPUs without VNNI)
 constexpr int kGroup = 16;            // outputs per vector
 constexpr int kGroupsPerTile = 2;     // outputs per tile (and per register block): 32
-
-bool GemmApplies(const Problem& p) { return p.R >= kGemmMinRows; }
 
 // 16 vectors of 16 int32 (row j = output j's 4-byte groups k) -> their transpose (column k = the
 // k-th 4-byte group of each of the 16 outputs): 64 shuffles, within 128-bit lanes, then of lanes.
@@ -608,7 +607,8 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
   for (const auto& p : problems) total += p.N;
   int64_t tile = kTile;
 #ifdef SWIFTKV_INT8_VNNI
-  if (vnni && xd[0] >= kGemmMinRows) tile = kGroup * kGroupsPerTile;
+  const bool gemm = vnni && xd[0] >= kGemmMinRows;  // every weight of a call has the same rows
+  if (gemm) tile = kGroup * kGroupsPerTile;
 #endif
   const int64_t item = ItemSize(total, Helpers::Get().threads(), tile);
   for (size_t i = 0; i < problems.size(); ++i)
@@ -620,7 +620,7 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
     int64_t n = range.n0;
 #ifdef SWIFTKV_INT8_VNNI
     if (p.xq != nullptr) {
-      if (GemmApplies(p)) RangeGemm(p, n, range.n1); else RangeVnni(p, n, range.n1);
+      if (gemm) RangeGemm(p, n, range.n1); else RangeVnni(p, n, range.n1);
       return;
     }
 #endif
